@@ -471,14 +471,15 @@ def _layer_inputs(module: nn.Module, x: Tensor, with_bias: bool, with_weight: bo
     return torch.cat(parts, dim=-1)
 
 
-def _output_gradient_layout(module: nn.Module, z: Tensor) -> Tensor:
-    """Reshape a gradient with respect to a layer's output, (C, N, ...), to (N, T, C, O)."""
-    c, n = z.shape[:2]
+def _output_gradient_layout(module: nn.Module, per_output: list[Tensor]) -> Tensor:
+    """Stack the gradients of each output with respect to a layer's output, C tensors of shape
+    (N, ...), into the factor layout (N, T, C, O), contiguous for the Gram products."""
+    n = per_output[0].shape[0]
     if isinstance(module, nn.Conv1d | nn.Conv2d):
-        z = z.reshape(c, n, z.shape[2], -1).transpose(2, 3)  # (C, N, T, O)
+        per_output = [z.reshape(n, z.shape[1], -1).transpose(1, 2) for z in per_output]
     else:
-        z = z.reshape(c, n, -1, z.shape[-1])
-    return z.permute(1, 2, 0, 3)
+        per_output = [z.reshape(n, -1, z.shape[-1]) for z in per_output]
+    return torch.stack(per_output, dim=2)
 
 
 @dataclass
@@ -543,16 +544,7 @@ class _NTKContext:
             # A weight also used outside its module's forward: count it on the generic path.
             self.layers = {m: n for m, n in self.layers.items() if m not in failed}
         per_chunk = [blocks for blocks, _ in chunks]
-        blocks = []
-        for parts in zip(*per_chunk, strict=True):
-            cat = lambda name: (  # noqa: E731
-                None
-                if getattr(parts[0], name) is None
-                else torch.cat([getattr(p, name) for p in parts])
-            )
-            blocks.append(
-                _Block(g=cat("g"), a=cat("a"), tokens=cat("tokens"), vocab=parts[0].vocab)
-            )
+        blocks = [_concatenate(parts) for parts in zip(*per_chunk, strict=True)]
         c = blocks[0].g.shape[2]
         return Jacobian(blocks=blocks, num_outputs=c)
 
@@ -627,6 +619,7 @@ class _NTKContext:
             zip(
                 checked,
                 torch.autograd.grad(out, [params[k] for k in checked], probe, allow_unused=True),
+                strict=True,
             )
         )
 
@@ -636,12 +629,12 @@ class _NTKContext:
             layer_uses = uses[mname]
             gs = []
             for _ in layer_uses:
-                gs.append(_output_gradient_layout(module, torch.stack([gr[i] for gr in grads])))
+                gs.append(_output_gradient_layout(module, [gr[i] for gr in grads]))
                 i += 1
             if not layer_uses:
                 failed.add(mname)
                 continue
-            g = torch.cat(gs, dim=1)
+            g = gs[0] if len(gs) == 1 else torch.cat(gs, dim=1)
             with_weight = pnames[0].endswith("weight")
             with_bias = pnames[-1].endswith("bias")
             if isinstance(module, nn.Embedding):
@@ -671,6 +664,16 @@ class _NTKContext:
             torch.linalg.vector_norm(rebuilt - expected)
             <= tol * (torch.linalg.vector_norm(expected) + tol)
         )
+
+
+def _concatenate(parts: tuple[_Block, ...]) -> _Block:
+    """One block from the same block computed on consecutive chunks of points."""
+
+    def cat(field: str) -> Tensor | None:
+        values = [getattr(p, field) for p in parts]
+        return values[0] if values[0] is None or len(values) == 1 else torch.cat(values)
+
+    return _Block(g=cat("g"), a=cat("a"), tokens=cat("tokens"), vocab=parts[0].vocab)
 
 
 def _as_factor_layout(

@@ -1,0 +1,261 @@
+"""Eigenpairs of the empirical NTK, by the cheapest exact route.
+
+The kernel of ``mode="trace"`` (N x N) or ``mode="flatten"`` (C*N x C*N) is ``K = J J^T`` with
+``J`` the Jacobian arranged by rows: R = N rows of C*P entries (trace) or R = C*N rows of P
+entries (flatten). Three routes give the same top eigenpairs:
+
+    ``kernel``       form K (R x R) through the structured engine, ``eigh``.
+                     Time ~ R^2 P + R^3, memory R^2.
+    ``parameter``    form ``J^T J`` (P x P, P the columns of J) and map its eigenvectors ``v``
+                     to data space, ``u = J v / sqrt(lambda)``. Pays off when P < R: Toy Models
+                     of Superposition have R = 25000 rows but P = 2050. Rows of J that are
+                     exactly zero (outputs behind an inactive ReLU) are dropped first.
+                     Time ~ R P^2 + P^3, memory P^2 + R P.
+    ``matrix_free``  Lanczos (ARPACK ``eigsh``) on ``v -> J (J^T v)`` with J held as structured
+                     factors: K is never formed. For k << R eigenpairs. Time ~ iterations x R P,
+                     memory R k + the factors.
+
+``ntk_spectrum`` estimates the cost of each from these formulas and takes the cheapest that fits
+``memory_budget``; ``route=`` overrides. Eigenvalues are float64, descending; eigenvectors are
+unit-norm float64 columns in data space (class-major rows for ``flatten``), each with its
+largest-magnitude entry positive.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.sparse.linalg import LinearOperator, eigsh
+from torch import Tensor, nn
+
+from lightning_entk.kernel import (
+    Jacobian,
+    OutputFn,
+    ParamSelection,
+    _check_choice,
+    ntk_context,
+)
+
+SPECTRUM_MODES = ("trace", "flatten")
+ROUTES = ("auto", "kernel", "parameter", "matrix_free")
+DEFAULT_MEMORY_BUDGET = 4 * 2**30  # bytes; a quarter of a small workstation
+
+
+@dataclass(frozen=True)
+class Spectrum:
+    """Top eigenpairs of a kernel.
+
+    Attributes:
+        eigenvalues: ``(k,)`` float64, descending.
+        eigenvectors: ``(R, k)`` float64 unit-norm columns in data space, or ``None`` when not
+            asked for. R = N for ``trace``, C*N (class-major) for ``flatten``.
+        route: how they were computed: ``kernel``, ``parameter`` or ``matrix_free``.
+    """
+
+    eigenvalues: Tensor
+    eigenvectors: Tensor | None = None
+    route: str = "kernel"
+
+    @classmethod
+    def from_kernel(
+        cls, kernel: Tensor, k: int | None = None, eigenvectors: bool = True
+    ) -> Spectrum:
+        """Eigenpairs of a symmetric kernel matrix ``(R, R)``, symmetrised and solved in float64.
+
+        Args:
+            kernel: ``(R, R)``, e.g. ``empirical_ntk(..., mode="trace")``.
+            k: how many of the largest eigenpairs to keep; ``None`` keeps all R.
+            eigenvectors: whether to compute eigenvectors.
+
+        Raises:
+            ValueError: if the kernel is not square or not finite, or ``k`` is out of range.
+
+        Example:
+            >>> import torch
+            >>> Spectrum.from_kernel(torch.diag(torch.tensor([1.0, 3.0, 2.0])), k=2).eigenvalues
+            tensor([3., 2.], dtype=torch.float64)
+        """
+        if kernel.ndim != 2 or kernel.shape[0] != kernel.shape[1]:
+            raise ValueError(
+                f"`kernel` must be square (R, R), got {tuple(kernel.shape)}; use mode='trace' "
+                "or mode='flatten'."
+            )
+        rows = kernel.shape[0]
+        k = _check_k(k, rows)
+        if not torch.isfinite(kernel).all():
+            raise ValueError("`kernel` has NaN or inf entries; its spectrum is undefined.")
+        sym = kernel.to(torch.float64)
+        sym = (sym + sym.T) / 2
+        if not eigenvectors:
+            return cls(torch.linalg.eigvalsh(sym).flip(0)[:k])
+        values, vectors = torch.linalg.eigh(sym)
+        return cls(values.flip(0)[:k], _fix_signs(vectors.flip(1)[:, :k]))
+
+    @property
+    def num_eigenpairs(self) -> int:
+        return self.eigenvalues.shape[0]
+
+    def effective_rank(self) -> float:
+        """Entropy effective rank ``exp(-sum p_i log p_i)``, ``p = lambda / sum(lambda)`` over the
+        kept eigenvalues clipped at zero (Roy & Vetterli 2007). Between 1 and k."""
+        values = self.eigenvalues.clamp(min=0)
+        p = values / values.sum()
+        p = p[p > 0]
+        return float(torch.exp(-(p * p.log()).sum()))
+
+
+def ntk_spectrum(
+    model: nn.Module,
+    x: Tensor,
+    *,
+    mode: str = "trace",
+    k: int | None = None,
+    params: ParamSelection = None,
+    output_fn: OutputFn = None,
+    output_weights: Tensor | None = None,
+    method: str = "auto",
+    route: str = "auto",
+    eigenvectors: bool = True,
+    batch_size: int = 256,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> Spectrum:
+    """Top-``k`` eigenpairs of the empirical NTK of ``model`` on points ``x``.
+
+    Args:
+        model, x, params, output_fn, output_weights, method, batch_size: as in
+            :func:`~lightning_entk.empirical_ntk`.
+        mode: ``"trace"`` (N x N, the *sum* over outputs) or ``"flatten"`` (C*N x C*N).
+        k: eigenpairs wanted; ``None`` for every one that can be nonzero, ``min(R, P)``.
+        route: ``"auto"`` (cheapest by the cost model in the module docstring), ``"kernel"``,
+            ``"parameter"`` or ``"matrix_free"``.
+        eigenvectors: whether to return eigenvectors.
+        memory_budget: bytes that the route's largest arrays may take.
+
+    Returns:
+        A :class:`Spectrum`.
+
+    Raises:
+        ValueError: for a mode without a square kernel, ``k`` out of range, an unknown route,
+            and every input error of :func:`~lightning_entk.empirical_ntk`.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 2))
+        >>> s = ntk_spectrum(model, torch.randn(10, 3), k=4)
+        >>> s.eigenvalues.shape, s.eigenvectors.shape
+        (torch.Size([4]), torch.Size([10, 4]))
+    """
+    _check_choice("mode", mode, SPECTRUM_MODES)
+    _check_choice("route", route, ROUTES)
+    if not isinstance(memory_budget, int) or memory_budget <= 0:
+        raise ValueError(f"`memory_budget` must be a positive int of bytes, got {memory_budget!r}.")
+    with ntk_context(model, x, None, params, output_fn, output_weights, method, batch_size) as ctx:
+        jac = ctx.jacobian(ctx.x1)
+    rows = jac.num_points * (jac.num_outputs if mode == "flatten" else 1)
+    columns = jac.num_parameters * (jac.num_outputs if mode == "trace" else 1)
+    k = _check_k(k, rows, limit=min(rows, columns))
+    if route == "matrix_free" and k >= rows:
+        raise ValueError(f"route='matrix_free' needs `k` < {rows} (the kernel's rows), got {k}.")
+    if route == "auto":
+        route = choose_route(rows, columns, k, jac.blocks[0].g.element_size(), memory_budget)
+    solve = {
+        "kernel": _kernel_route,
+        "parameter": _parameter_route,
+        "matrix_free": _matrix_free_route,
+    }
+    return solve[route](jac, mode, k, eigenvectors)
+
+
+def choose_route(rows: int, columns: int, k: int, itemsize: int, memory_budget: int) -> str:
+    """The cheapest route whose largest arrays fit ``memory_budget`` (flop estimates of the
+    module docstring; Lanczos is charged ~10 (2k + 20) products, each a pass over J)."""
+    costs = {
+        "kernel": (rows**2 * columns + 4 * rows**3, 8 * rows**2),
+        "parameter": (
+            rows * columns**2 + 4 * columns**3,
+            8 * columns**2 + itemsize * rows * columns,
+        ),
+        "matrix_free": (10 * (2 * k + 20) * 2 * rows * columns, 8 * rows * (2 * k + 21)),
+    }
+    if k > rows // 2:
+        del costs["matrix_free"]  # Lanczos needs k well below R
+    fitting = {r: flops for r, (flops, memory) in costs.items() if memory <= memory_budget}
+    if not fitting:
+        need = min(memory for _, memory in costs.values())
+        raise ValueError(
+            f"Every route to the spectrum needs more than `memory_budget` = {memory_budget} bytes "
+            f"(least: {need}); raise the budget, ask for fewer eigenpairs `k`, or use fewer points."
+        )
+    return min(fitting, key=fitting.get)
+
+
+def _check_k(k: int | None, rows: int, limit: int | None = None) -> int:
+    limit = rows if limit is None else limit
+    if k is None:
+        return limit
+    if not isinstance(k, int) or not 1 <= k <= rows:
+        raise ValueError(f"`k` must be an int in [1, {rows}] (the kernel's rows), got {k!r}.")
+    return k
+
+
+def _fix_signs(vectors: Tensor) -> Tensor:
+    """Flip each column so that its largest-magnitude entry is positive."""
+    pivot = vectors.abs().argmax(dim=0)
+    signs = torch.sign(vectors[pivot, torch.arange(vectors.shape[1], device=vectors.device)])
+    return vectors * torch.where(signs == 0, 1.0, signs)
+
+
+def _kernel_route(jac: Jacobian, mode: str, k: int, eigenvectors: bool) -> Spectrum:
+    return Spectrum.from_kernel(jac.kernel(jac, mode), k, eigenvectors)
+
+
+def _rows(jac: Jacobian, mode: str) -> Tensor:
+    """J as (R, P) for flatten (class-major rows) or (N, C*P) for trace."""
+    full = jac.materialized()  # (N, C, P)
+    if mode == "trace":
+        return full.reshape(full.shape[0], -1)
+    return full.transpose(0, 1).reshape(-1, full.shape[-1])
+
+
+def _parameter_route(jac: Jacobian, mode: str, k: int, eigenvectors: bool) -> Spectrum:
+    rows = _rows(jac, mode).to(torch.float64)
+    nonzero = rows.abs().amax(dim=1) > 0
+    live = rows[nonzero]
+    values, vectors = torch.linalg.eigh(live.T @ live)
+    values, vectors = values.flip(0)[:k], vectors.flip(1)[:, :k]
+    if not eigenvectors:
+        return Spectrum(values, route="parameter")
+    data = rows.new_zeros(rows.shape[0], k)
+    data[nonzero] = live @ vectors
+    data = data / torch.linalg.vector_norm(data, dim=0).clamp(min=torch.finfo(data.dtype).tiny)
+    return Spectrum(values, _fix_signs(data), route="parameter")
+
+
+def _matrix_free_route(jac: Jacobian, mode: str, k: int, eigenvectors: bool) -> Spectrum:
+    n, c = jac.num_points, jac.num_outputs
+    per_output = mode == "trace"
+    rows = n if per_output else n * c
+    dtype = jac.blocks[0].g.dtype
+    device = jac.blocks[0].g.device
+
+    def matvec(v: np.ndarray) -> np.ndarray:
+        v = torch.as_tensor(np.ascontiguousarray(v).reshape(-1), dtype=dtype, device=device)
+        vc = v[:, None].expand(n, c) if per_output else v.reshape(c, n).T
+        out = jac.jvp(jac.vjp(vc, per_output), per_output)  # (N, C)
+        out = out.sum(dim=1) if per_output else out.T.reshape(-1)
+        return out.to(torch.float64).cpu().numpy()
+
+    operator = LinearOperator((rows, rows), matvec=matvec, dtype=np.float64)
+    tol = 0.0 if dtype == torch.float64 else 1e-6
+    start = np.ones(rows) / np.sqrt(rows)  # deterministic, and not orthogonal to a top mode
+    values, vectors = eigsh(operator, k=k, which="LA", tol=tol, v0=start, return_eigenvectors=True)
+    order = np.argsort(values)[::-1]
+    values = torch.from_numpy(values[order].copy())
+    if not eigenvectors:
+        return Spectrum(values, route="matrix_free")
+    return Spectrum(
+        values, _fix_signs(torch.from_numpy(vectors[:, order].copy())), route="matrix_free"
+    )
