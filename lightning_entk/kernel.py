@@ -400,7 +400,8 @@ class Jacobian:
 
     def materialized(self) -> Tensor:
         """All per-example Jacobians, (N, C, P)."""
-        return torch.cat([b.materialized().g[:, 0] for b in self.blocks], dim=-1)
+        parts = [b.materialized().g[:, 0] for b in self.blocks]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     def vjp(self, v: Tensor, per_output: bool) -> list[Tensor]:
         """``J^T v`` for ``v`` of shape (N, C), block by block."""

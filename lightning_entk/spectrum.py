@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.linalg
 import torch
 from scipy.sparse.linalg import LinearOperator, eigsh
 from torch import Tensor, nn
@@ -87,11 +88,8 @@ class Spectrum:
         if not torch.isfinite(kernel).all():
             raise ValueError("`kernel` has NaN or inf entries; its spectrum is undefined.")
         sym = kernel.to(torch.float64)
-        sym = (sym + sym.T) / 2
-        if not eigenvectors:
-            return cls(torch.linalg.eigvalsh(sym).flip(0)[:k])
-        values, vectors = torch.linalg.eigh(sym)
-        return cls(values.flip(0)[:k], _fix_signs(vectors.flip(1)[:, :k]))
+        values, vectors = _top_eigh((sym + sym.T) / 2, k, eigenvectors)
+        return cls(values, vectors)
 
     @property
     def num_eigenpairs(self) -> int:
@@ -170,15 +168,16 @@ def ntk_spectrum(
 
 
 def choose_route(rows: int, columns: int, k: int, itemsize: int, memory_budget: int) -> str:
-    """The cheapest route whose largest arrays fit ``memory_budget`` (flop estimates of the
-    module docstring; Lanczos is charged ~10 (2k + 20) products, each a pass over J)."""
+    """The cheapest route whose largest arrays fit ``memory_budget``, by the flop estimates of
+    the module docstring."""
     costs = {
         "kernel": (rows**2 * columns + 4 * rows**3, 8 * rows**2),
         "parameter": (
             rows * columns**2 + 4 * columns**3,
             8 * columns**2 + itemsize * rows * columns,
         ),
-        "matrix_free": (10 * (2 * k + 20) * 2 * rows * columns, 8 * rows * (2 * k + 21)),
+        # Lanczos: ~10 (2k + 20) products, each a memory-bound pass over J (x20 a GEMM flop).
+        "matrix_free": (20 * 10 * (2 * k + 20) * 2 * rows * columns, 8 * rows * (2 * k + 21)),
     }
     if k > rows // 2:
         del costs["matrix_free"]  # Lanczos needs k well below R
@@ -201,6 +200,27 @@ def _check_k(k: int | None, rows: int, limit: int | None = None) -> int:
     return k
 
 
+def _top_eigh(sym: Tensor, k: int, eigenvectors: bool) -> tuple[Tensor, Tensor | None]:
+    """The k largest eigenpairs of a symmetric float64 matrix, descending. On the CPU only the
+    wanted ones are computed (LAPACK ``syevr`` on an index subset): ~3x faster for k << R."""
+    rows = sym.shape[0]
+    if k < rows and sym.device.type == "cpu":
+        subset = [rows - k, rows - 1]
+        if eigenvectors:
+            values, vectors = scipy.linalg.eigh(sym.numpy(), subset_by_index=subset, driver="evr")
+            vectors = torch.from_numpy(vectors[:, ::-1].copy())
+        else:
+            values = scipy.linalg.eigh(sym.numpy(), subset_by_index=subset, eigvals_only=True)
+            vectors = None
+        values = torch.from_numpy(values[::-1].copy())
+    elif eigenvectors:
+        values, vectors = torch.linalg.eigh(sym)
+        values, vectors = values.flip(0)[:k], vectors.flip(1)[:, :k]
+    else:
+        values, vectors = torch.linalg.eigvalsh(sym).flip(0)[:k], None
+    return values, None if vectors is None else _fix_signs(vectors)
+
+
 def _fix_signs(vectors: Tensor) -> Tensor:
     """Flip each column so that its largest-magnitude entry is positive."""
     pivot = vectors.abs().argmax(dim=0)
@@ -212,24 +232,21 @@ def _kernel_route(jac: Jacobian, mode: str, k: int, eigenvectors: bool) -> Spect
     return Spectrum.from_kernel(jac.kernel(jac, mode), k, eigenvectors)
 
 
-def _rows(jac: Jacobian, mode: str) -> Tensor:
-    """J as (R, P) for flatten (class-major rows) or (N, C*P) for trace."""
-    full = jac.materialized()  # (N, C, P)
-    if mode == "trace":
-        return full.reshape(full.shape[0], -1)
-    return full.transpose(0, 1).reshape(-1, full.shape[-1])
-
-
 def _parameter_route(jac: Jacobian, mode: str, k: int, eigenvectors: bool) -> Spectrum:
-    rows = _rows(jac, mode).to(torch.float64)
-    nonzero = rows.abs().amax(dim=1) > 0
+    full = jac.materialized()  # (N, C, P)
+    n, c, _ = full.shape
+    # Rows of J in point-major order (J^T J does not depend on the order); trace: (N, C*P).
+    rows = full.reshape(n, -1) if mode == "trace" else full.reshape(n * c, -1)
+    nonzero = (rows != 0).any(dim=1)
     live = rows[nonzero]
-    values, vectors = torch.linalg.eigh(live.T @ live)
-    values, vectors = values.flip(0)[:k], vectors.flip(1)[:, :k]
+    gram = (live.T @ live).to(torch.float64)  # formed in the kernel's own dtype, like K
+    values, vectors = _top_eigh((gram + gram.T) / 2, k, eigenvectors=True)
     if not eigenvectors:
         return Spectrum(values, route="parameter")
-    data = rows.new_zeros(rows.shape[0], k)
-    data[nonzero] = live @ vectors
+    data = vectors.new_zeros(rows.shape[0], k)
+    data[nonzero] = live.to(torch.float64) @ vectors
+    if mode == "flatten":  # point-major (n, c) rows to the class-major layout (c, n)
+        data = data.reshape(n, c, k).transpose(0, 1).reshape(c * n, k)
     data = data / torch.linalg.vector_norm(data, dim=0).clamp(min=torch.finfo(data.dtype).tiny)
     return Spectrum(values, _fix_signs(data), route="parameter")
 
