@@ -1,0 +1,432 @@
+"""Figures of eNTK spectra, their cliffs and their evolution, for files and TensorBoard.
+
+Every function returns a ``matplotlib.figure.Figure`` built without ``pyplot``, so no global
+figure state is created or leaked (safe in training loops and worker processes); render it with
+:func:`figure_to_array` for ``SummaryWriter.add_image(tag, array, step, dataformats="HWC")`` or
+save it with ``fig.savefig(path)``.
+
+Cliffs are duck-typed: anything with ``.rank`` (eigenvalues above the cliff, so the cliff sits
+between eigenvalues ``rank`` and ``rank + 1``, 1-based) and ``.drop`` (the fall in log10 units)
+will do, e.g. :class:`lightning_entk.cliffs.Cliff`. Transitions need ``.epoch`` and ``.kind``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from matplotlib import colormaps, patheffects
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import FormatStrFormatter
+from matplotlib.transforms import blended_transform_factory
+
+FIGSIZE = (8.0, 5.0)  # inches; at DPI a 800 x 500 image, legible in TensorBoard's image panel
+DPI = 100
+CLIFF_COLOR = "tab:red"
+COLOR_PERCENTILES = (1, 99)  # of the log10 eigenvalues shown: the evolution's colour range
+LOG_INDEX_FROM = 300  # more eigenvalues than this: a log index axis, so the top ones stay apart
+_OUTLINE = [patheffects.withStroke(linewidth=2.5, foreground="white")]
+_TRANSITION_STYLES = ("--", "-.", ":", (0, (5, 1, 1, 1)))
+
+
+def figure_to_array(fig: Figure) -> np.ndarray:
+    """Render ``fig`` to an ``(H, W, 3)`` uint8 RGB array (Agg), H x W = its size in pixels.
+
+    Example:
+        >>> figure_to_array(Figure(figsize=(2, 1), dpi=50)).shape
+        (50, 100, 3)
+    """
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.array(canvas.buffer_rgba())[..., :3]
+
+
+def _as_float_array(name: str, value, ndim: int) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().to("cpu", torch.float64).numpy()
+    try:
+        array = np.array(value, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"`{name}` must be numeric, got {type(value).__name__}.") from err
+    if array.ndim != ndim:
+        raise ValueError(f"`{name}` must be {ndim}-D, got shape {array.shape}.")
+    return array
+
+
+def _check_max_index(max_index: int | None) -> None:
+    if max_index is not None and (
+        isinstance(max_index, bool) or not isinstance(max_index, int | np.integer) or max_index < 1
+    ):
+        raise ValueError(f"`max_index` must be a positive int or None, got {max_index!r}.")
+
+
+def _fall_label(cliff) -> str:
+    factor = 10 ** float(cliff.drop)
+    return f"rank {int(cliff.rank)} (×{factor:.{1 if factor < 100 else 0}f})"
+
+
+def plot_spectrum(
+    eigenvalues,
+    cliffs: Iterable = (),
+    *,
+    title: str | None = None,
+    max_index: int | None = None,
+) -> Figure:
+    """Eigenvalues against their 1-based index on a log scale, cliffs marked.
+
+    Each cliff is a dashed vertical line between eigenvalues ``rank`` and ``rank + 1``, labelled
+    ``"rank 57 (×2.1)"`` with the fall factor ``10 ** drop``. The index axis turns logarithmic
+    above ``LOG_INDEX_FROM`` eigenvalues. Eigenvalues that are not positive (round-off of a
+    singular kernel) or NaN cannot sit on a log axis and are left out.
+
+    Args:
+        eigenvalues: ``(k,)`` descending.
+        cliffs: objects with ``.rank`` and ``.drop``.
+        title: the axes title; ``"eNTK spectrum"`` when ``None``.
+        max_index: show eigenvalues ``1..max_index`` only (and the cliffs among them).
+
+    Raises:
+        ValueError: if ``eigenvalues`` is not 1-D with a positive entry, or ``max_index`` is not
+            a positive int.
+    """
+    values = _as_float_array("eigenvalues", eigenvalues, 1)
+    _check_max_index(max_index)
+    values = values[:max_index]
+    index = np.arange(1, len(values) + 1)
+    positive = np.isfinite(values) & (values > 0)
+    if not positive.any():
+        raise ValueError(
+            f"`eigenvalues` must hold at least one positive value to plot on a log scale, got "
+            f"{len(values)} values, none positive."
+        )
+    fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot(
+        index[positive],
+        values[positive],
+        color="tab:blue",
+        marker=".",
+        markersize=3,
+        linewidth=1.2,
+        label="eigenvalue",
+    )
+    ax.set_yscale("log")
+    if len(values) > LOG_INDEX_FROM:
+        ax.set_xscale("log")
+        ax.set_xlim(0.8, len(values) * 1.25)
+    else:
+        ax.set_xlim(0.5, len(values) + 0.5)
+    ax.set_xlabel("eigenvalue index" + (" (log scale)" if len(values) > LOG_INDEX_FROM else ""))
+    ax.set_ylabel("eigenvalue (log scale)")
+    ax.set_title("eNTK spectrum" if title is None else title)
+    ax.grid(True, which="major", alpha=0.3)
+
+    ax.set_ylim(*ax.get_ylim())  # freeze the autoscaled limits: labels are placed against them
+    on_axis = sorted(
+        (c for c in cliffs if 1 <= int(c.rank) < len(values)), key=lambda c: int(c.rank)
+    )
+    for i, cliff in enumerate(on_axis):
+        x = int(cliff.rank) + 0.5
+        ax.axvline(
+            x,
+            color=CLIFF_COLOR,
+            linestyle="--",
+            linewidth=1.2,
+            label="cliff (fall factor)" if i == 0 else None,
+        )
+        _label_cliff(ax, x, values[int(cliff.rank) - 1], values[int(cliff.rank)], cliff)
+    ax.legend(loc="best")
+    return fig
+
+
+def _label_cliff(ax: Axes, x: float, before: float, after: float, cliff) -> None:
+    """Write the cliff's label along its line where a descending curve leaves room: above the
+    eigenvalue before the cliff on the right of the line, or below the one after it on the
+    left, whichever is the longer stretch of empty axes. A label longer than that stretch is
+    pushed back inside the axes rather than into the title or the axis labels."""
+    label, fontsize = _fall_label(cliff), 10
+    low, high = np.log10(ax.get_ylim())
+    # The label's length as a fraction of the axes height (~0.6 em per character, axes ~80%
+    # of the figure's height); constrained layout settles the exact height only when drawn.
+    length = 0.6 * fontsize * len(label) / (0.8 * ax.figure.get_figheight() * 72) + 0.02
+
+    def fraction(value: float) -> float | None:
+        if not np.isfinite(value) or value <= 0:
+            return None
+        return float(np.clip((np.log10(value) - low) / (high - low), 0.0, 1.0))
+
+    above, below = fraction(before), fraction(after)
+    room_above = 1.0 - above if above is not None else 0.0
+    room_below = below if below is not None else 1.0
+    if room_above > room_below:
+        y, offset, ha, va = min(above + 0.02, 1.0 - length), 3, "left", "bottom"
+    else:
+        y, offset, ha, va = max(room_below - 0.02, length), -3, "right", "top"
+    ax.annotate(
+        label,
+        xy=(x, y),
+        xycoords=blended_transform_factory(ax.transData, ax.transAxes),
+        xytext=(offset, 0),
+        textcoords="offset points",
+        rotation=90,
+        ha=ha,
+        va=va,
+        color=CLIFF_COLOR,
+        fontsize=fontsize,
+        path_effects=_OUTLINE,
+    )
+
+
+def _cell_edges(centres: np.ndarray) -> np.ndarray:
+    """Edges of cells centred on sorted ``centres``: the midpoints, extended at both ends."""
+    if len(centres) == 1:
+        return np.array([centres[0] - 0.5, centres[0] + 0.5])
+    mid = (centres[:-1] + centres[1:]) / 2
+    return np.concatenate([[2 * centres[0] - mid[0]], mid, [2 * centres[-1] - mid[-1]]])
+
+
+def _accuracy_series(accuracy, accuracy_label: str, length: int) -> dict[str, np.ndarray]:
+    if accuracy is None:
+        return {}
+    series = accuracy if isinstance(accuracy, Mapping) else {accuracy_label: accuracy}
+    result = {}
+    for label, values in series.items():
+        array = _as_float_array(f"accuracy[{label!r}]", values, 1)
+        if len(array) != length:
+            raise ValueError(
+                f"`accuracy[{label!r}]` must have one value per evaluation ({length}), got "
+                f"{len(array)}."
+            )
+        result[str(label)] = array
+    return result
+
+
+def plot_spectrum_evolution(
+    epochs,
+    eigenvalues,
+    cliffs_per_eval: Sequence[Iterable],
+    *,
+    accuracy=None,
+    accuracy_label: str = "val_acc",
+    transitions: Iterable = (),
+    max_index: int | None = None,
+) -> Figure:
+    """The spectrum over training as a heatmap, cliffs marked, accuracy and transitions below.
+
+    Top: ``log10`` of eigenvalue ``i`` (1 at the top; a log index axis above
+    ``LOG_INDEX_FROM``) at each evaluation's epoch; NaN padding and non-positive values show as
+    grey. Each cliff is a marker at ``(epoch, rank + 0.5)``, between the eigenvalues it separates.
+    Bottom (when ``accuracy`` is given): accuracy curves on ``[0, 1]`` against the same epochs.
+    Transitions (e.g. early warnings) are vertical lines across both panels, listed in a legend.
+
+    Args:
+        epochs: ``(T,)`` the epoch of each evaluation, non-decreasing.
+        eigenvalues: ``(T, k)`` top-k eigenvalues per evaluation, descending, NaN-padded.
+        cliffs_per_eval: T lists of objects with ``.rank`` (and ``.drop``).
+        accuracy: ``(T,)`` values, or a dict ``label -> (T,)``; NaN where not measured.
+        accuracy_label: the legend label of a single accuracy array.
+        transitions: objects with ``.epoch`` and ``.kind``.
+        max_index: show eigenvalues ``1..max_index`` only. About twice the deepest cliff's rank
+            (e.g. 250 for the modular MLP's 841) gives a linear index axis on which the
+            plateaus between cliffs are wide bands.
+
+    Raises:
+        ValueError: if the shapes do not agree (``epochs`` (T,), ``eigenvalues`` (T, k),
+            ``cliffs_per_eval`` and each accuracy series of length T), ``epochs`` decreases,
+            or ``max_index`` is not a positive int.
+    """
+    epochs_ = _as_float_array("epochs", epochs, 1)
+    values = _as_float_array("eigenvalues", eigenvalues, 2)
+    n_evals, k = values.shape
+    if len(epochs_) != n_evals or n_evals == 0 or k == 0:
+        raise ValueError(
+            f"`eigenvalues` must be (T, k) with T = len(epochs) = {len(epochs_)} >= 1 rows and "
+            f"k >= 1, got shape {values.shape}."
+        )
+    if np.any(np.diff(epochs_) < 0) or not np.isfinite(epochs_).all():
+        raise ValueError(f"`epochs` must be finite and non-decreasing, got {epochs_.tolist()}.")
+    cliffs_per_eval = [list(cliffs) for cliffs in cliffs_per_eval]
+    if len(cliffs_per_eval) != n_evals:
+        raise ValueError(
+            f"`cliffs_per_eval` must hold one list of cliffs per evaluation ({n_evals}), got "
+            f"{len(cliffs_per_eval)}."
+        )
+    curves = _accuracy_series(accuracy, accuracy_label, n_evals)
+    transitions = list(transitions)
+    _check_max_index(max_index)
+    values = values[:, :max_index]
+    k = values.shape[1]
+
+    fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
+    grid = fig.add_gridspec(
+        2 if curves else 1,
+        2,
+        height_ratios=[2.6, 1] if curves else [1],
+        width_ratios=[1, 0.025],
+    )
+    ax = fig.add_subplot(grid[0, 0])
+    log_values = np.full(values.shape, np.nan)
+    positive = np.isfinite(values) & (values > 0)
+    log_values[positive] = np.log10(values[positive])
+    # The colour range: percentiles, not extremes, of the eigenvalues down to twice the deepest
+    # cliff. An outlying top mode or a long round-off tail would otherwise stretch the scale
+    # until plateaus a factor 2 apart (the modular MLP's cliffs) share one colour.
+    deepest = max((int(c.rank) for cliffs in cliffs_per_eval for c in cliffs), default=0)
+    rows = slice(0, 2 * deepest) if 0 < 2 * deepest < k else slice(None)
+    shown = log_values[:, rows][np.isfinite(log_values[:, rows])]
+    vmin, vmax = np.percentile(shown, COLOR_PERCENTILES) if shown.size else (0.0, 1.0)
+    mesh = ax.pcolormesh(
+        _cell_edges(epochs_),
+        np.arange(k + 1) + 0.5,
+        np.ma.masked_invalid(log_values.T),
+        cmap=colormaps["viridis"].with_extremes(bad="0.85"),
+        vmin=vmin,
+        vmax=max(vmax, vmin + 1e-6),
+        shading="flat",
+        rasterized=True,
+    )
+    if k > LOG_INDEX_FROM:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.set_ylim(k + 0.5, 0.5)
+    ax.set_ylabel("eigenvalue index" + (" (log scale)" if k > LOG_INDEX_FROM else ""))
+    ax.set_title("eNTK spectrum over training")
+    colorbar = fig.colorbar(mesh, cax=fig.add_subplot(grid[0, 1]), extend="both")
+    colorbar.set_label("log10 eigenvalue")
+
+    # One segment per evaluation across its cell: a cliff that persists reads as a line.
+    edges = _cell_edges(epochs_)
+    segments = [
+        (int(c.rank) + 0.5, edges[t], edges[t + 1])
+        for t, cliffs in enumerate(cliffs_per_eval)
+        for c in cliffs
+        if 1 <= int(c.rank) < k
+    ]
+    if segments:
+        ax.hlines(
+            *zip(*segments, strict=True),
+            color=CLIFF_COLOR,
+            linewidth=2.5,
+            label="cliff (between rank and rank + 1)",
+            zorder=3,
+        )
+
+    bottom = fig.add_subplot(grid[1, 0], sharex=ax) if curves else ax
+    if curves:
+        ax.tick_params(labelbottom=False)
+        for label, series in curves.items():
+            finite = np.isfinite(series)
+            bottom.plot(epochs_[finite], series[finite], marker=".", markersize=4, label=label)
+        bottom.set_ylim(-0.03, 1.03)
+        bottom.set_ylabel("accuracy")
+        bottom.grid(True, alpha=0.3)
+    bottom.set_xlabel("epoch")
+    for i, transition in enumerate(transitions):
+        style = _TRANSITION_STYLES[i % len(_TRANSITION_STYLES)]
+        for axes in (ax, bottom) if curves else (ax,):
+            axes.axvline(
+                float(transition.epoch),
+                color="black",
+                linestyle=style,
+                linewidth=1.3,
+                label=f"{transition.kind} (epoch {transition.epoch:g})" if axes is ax else None,
+            )
+    # Above the heatmap, where it hides neither a cliff nor a band.
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        fig.legend(
+            handles,
+            labels,
+            loc="outside upper center",
+            ncols=math.ceil(len(handles) / math.ceil(len(handles) / 3)),  # balanced rows
+            frameon=False,
+            fontsize=9,
+        )
+    if curves:
+        bottom.legend(loc="best", fontsize=9, framealpha=0.85)
+    return fig
+
+
+def plot_alignment(
+    matrix,
+    *,
+    row_label: str = "eigenvector index",
+    col_labels: Sequence[str] | None = None,
+    title: str | None = None,
+    cliffs: Iterable = (),
+) -> Figure:
+    """Heatmap of an ``(k, F)`` |cosine| matrix (e.g. :func:`~lightning_entk.feature_alignment`).
+
+    Rows are eigenvectors 1..k from the top, columns features; colours are fixed to ``[0, 1]``
+    (viridis) so that figures of different epochs compare. Each cliff is a horizontal line
+    between rows ``rank`` and ``rank + 1``, labelled ``"rank 57"``.
+
+    Args:
+        matrix: ``(k, F)`` values in [0, 1].
+        row_label: the y-axis label.
+        col_labels: F feature names for the x ticks; 1-based feature numbers when ``None``.
+        title: the axes title; ``"eigenvector-feature alignment"`` when ``None``.
+        cliffs: objects with ``.rank``.
+
+    Raises:
+        ValueError: if ``matrix`` is not 2-D with values in [0, 1], or ``col_labels`` does not
+            have F entries.
+    """
+    values = _as_float_array("matrix", matrix, 2)
+    k, n_features = values.shape
+    if values.size == 0:
+        raise ValueError(f"`matrix` must not be empty, got shape {values.shape}.")
+    finite = values[np.isfinite(values)]
+    if finite.size and (finite.min() < -1e-9 or finite.max() > 1 + 1e-9):
+        raise ValueError(
+            f"`matrix` must hold |cos| values in [0, 1], got range [{finite.min():.3g}, "
+            f"{finite.max():.3g}]; pass np.abs of signed cosines."
+        )
+    if col_labels is not None and len(col_labels) != n_features:
+        raise ValueError(
+            f"`col_labels` must name each of the {n_features} columns, got {len(col_labels)}."
+        )
+    fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(
+        values,
+        cmap="viridis",
+        vmin=0.0,
+        vmax=1.0,
+        aspect="auto",
+        interpolation="nearest",
+        extent=(0.5, n_features + 0.5, k + 0.5, 0.5),
+    )
+    fig.colorbar(image, ax=ax).set_label("|cos|")
+    if col_labels is not None:
+        step = max(1, int(np.ceil(n_features / 40)))
+        ticks = np.arange(1, n_features + 1)[::step]
+        ax.set_xticks(ticks, [str(col_labels[t - 1]) for t in ticks], rotation=90, fontsize=8)
+        ax.set_xlabel("feature")
+    else:
+        ax.set_xlabel("feature index")
+    ax.set_ylabel(row_label)
+    ax.set_title("eigenvector-feature alignment" if title is None else title)
+    text_at = blended_transform_factory(ax.transAxes, ax.transData)
+    for cliff in cliffs:
+        if not 1 <= int(cliff.rank) < k:
+            continue
+        y = int(cliff.rank) + 0.5
+        ax.axhline(y, color=CLIFF_COLOR, linestyle="--", linewidth=1.5)
+        # In the margin: inside, the label would hide cells of the matrix.
+        ax.text(
+            1.01,
+            y,
+            f"rank {int(cliff.rank)}",
+            transform=text_at,
+            ha="left",
+            va="center",
+            color=CLIFF_COLOR,
+            fontsize=9,
+            clip_on=False,
+        )
+    return fig
