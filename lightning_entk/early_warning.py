@@ -1,0 +1,216 @@
+"""Early warning of phase transitions, from the history of monitor evaluations.
+
+Three signals, each raised once per run as a :class:`PhaseTransition`:
+
+``kernel_regression_lead``
+    eNTK kernel regression (arXiv:2510.00468 eq. 1) on held-out probe points starts to predict
+    the labels while the network itself does not yet: its accuracy has risen by ``lead_rise``
+    over its starting level and leads the network's own validation accuracy by ``lead_margin``.
+    On the modular-arithmetic MLP this rises 20-25 epochs before val_acc crosses 0.5
+    (DESIGN.md section 6).
+``new_cliff``
+    A cliff at a rank that the first evaluation did not have appears and is still there
+    ``persistence`` evaluations in a row (ranks within ``rank_tolerance`` count as one).
+``kernel_velocity``
+    The distance between successive normalised kernels jumps above ``velocity_factor`` times
+    its running median, after ``warmup`` evaluations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from lightning_entk.cliffs import Cliff
+
+
+@dataclass
+class EvaluationRecord:
+    """One entry of the monitor's history.
+
+    Attributes:
+        epoch: completed training epochs (0: before training).
+        step: optimizer steps so far.
+        eigenvalues: ``(k,)`` float64, descending.
+        cliffs: cliffs found in ``eigenvalues``.
+        metrics: the ``entk/`` scalars of the evaluation, and the network's own watched metric
+            (e.g. ``val_acc``) when the trainer had it.
+    """
+
+    epoch: int
+    step: int
+    eigenvalues: np.ndarray
+    cliffs: list[Cliff]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def to_state(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "eigenvalues": np.asarray(self.eigenvalues, dtype=np.float64).tolist(),
+            "cliffs": [asdict(c) for c in self.cliffs],
+            "metrics": dict(self.metrics),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict) -> EvaluationRecord:
+        return cls(
+            epoch=state["epoch"],
+            step=state["step"],
+            eigenvalues=np.asarray(state["eigenvalues"], dtype=np.float64),
+            cliffs=[Cliff(**c) for c in state["cliffs"]],
+            metrics=dict(state["metrics"]),
+        )
+
+
+@dataclass(frozen=True)
+class PhaseTransition:
+    """An early-warning event.
+
+    Attributes:
+        epoch: completed epochs at the evaluation that raised it.
+        step: optimizer steps at that evaluation.
+        kind: ``kernel_regression_lead``, ``new_cliff`` or ``kernel_velocity``.
+        evidence: the numbers behind it.
+    """
+
+    epoch: int
+    step: int
+    kind: str
+    evidence: dict[str, float]
+
+    def describe(self) -> str:
+        numbers = ", ".join(f"{k}={v:.4g}" for k, v in self.evidence.items())
+        return f"epoch {self.epoch} (step {self.step}): {self.kind} ({numbers})"
+
+
+class EarlyWarning:
+    """Raises :class:`PhaseTransition` events from successive :class:`EvaluationRecord`.
+
+    Args:
+        accuracy_key: the network's own metric that the kernel-regression lead is judged
+            against (``None``: the lead is judged against nothing, only the rise counts).
+        lead_rise: rise of kernel-regression accuracy over its level at the first evaluation.
+        lead_margin: how far kernel-regression accuracy must lead ``accuracy_key``.
+        persistence: evaluations in a row a new cliff must be seen.
+        rank_tolerance: ranks this close count as the same cliff.
+        velocity_factor: kernel velocity above this many times its running median is a jump.
+        warmup: evaluations before velocity jumps are judged.
+
+    Raises:
+        ValueError: for arguments out of range.
+    """
+
+    def __init__(
+        self,
+        accuracy_key: str | None = "val_acc",
+        lead_rise: float = 0.2,
+        lead_margin: float = 0.2,
+        persistence: int = 3,
+        rank_tolerance: int = 2,
+        velocity_factor: float = 5.0,
+        warmup: int = 5,
+    ) -> None:
+        for name, value in (("lead_rise", lead_rise), ("lead_margin", lead_margin)):
+            if not 0 < value <= 1:
+                raise ValueError(f"`{name}` must be in (0, 1], got {value!r}.")
+        for name, value in (("persistence", persistence), ("warmup", warmup)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+        if not isinstance(rank_tolerance, int) or rank_tolerance < 0:
+            raise ValueError(
+                f"`rank_tolerance` must be a non-negative int, got {rank_tolerance!r}."
+            )
+        if velocity_factor <= 1:
+            raise ValueError(f"`velocity_factor` must be > 1, got {velocity_factor!r}.")
+        self.accuracy_key = accuracy_key
+        self.lead_rise = lead_rise
+        self.lead_margin = lead_margin
+        self.persistence = persistence
+        self.rank_tolerance = rank_tolerance
+        self.velocity_factor = velocity_factor
+        self.warmup = warmup
+        self._state = self._fresh_state()
+
+    @staticmethod
+    def _fresh_state() -> dict:
+        return {
+            "baseline_ranks": None,
+            "regression_start": None,
+            "streaks": {},
+            "velocities": [],
+            "raised": [],
+        }
+
+    def update(self, record: EvaluationRecord) -> list[PhaseTransition]:
+        """Take one evaluation; return the transitions it raises (each kind at most once)."""
+        state = self._state
+        found = []
+        for kind, evidence in (
+            ("kernel_regression_lead", self._regression_lead(record)),
+            ("new_cliff", self._new_cliff(record)),
+            ("kernel_velocity", self._velocity_jump(record)),
+        ):
+            if evidence is not None and kind not in state["raised"]:
+                state["raised"].append(kind)
+                found.append(PhaseTransition(record.epoch, record.step, kind, evidence))
+        return found
+
+    def _regression_lead(self, record: EvaluationRecord) -> dict[str, float] | None:
+        acc = record.metrics.get("entk/kernel_regression_acc")
+        if acc is None:
+            return None
+        if self._state["regression_start"] is None:
+            self._state["regression_start"] = acc
+            return None
+        own = record.metrics.get(self.accuracy_key) if self.accuracy_key else None
+        rise = acc - self._state["regression_start"]
+        if rise < self.lead_rise or (own is not None and acc - own < self.lead_margin):
+            return None
+        evidence = {"kernel_regression_acc": acc, "rise": rise}
+        if own is not None:
+            evidence[self.accuracy_key] = own
+        return evidence
+
+    def _new_cliff(self, record: EvaluationRecord) -> dict[str, float] | None:
+        ranks = [c.rank for c in record.cliffs]
+        state = self._state
+        if state["baseline_ranks"] is None:
+            state["baseline_ranks"] = ranks
+            return None
+        fresh = [
+            r
+            for r in ranks
+            if all(abs(r - b) > self.rank_tolerance for b in state["baseline_ranks"])
+        ]
+        streaks = {}
+        for r in fresh:
+            previous = [s for s in state["streaks"] if abs(int(s) - r) <= self.rank_tolerance]
+            streaks[str(r)] = 1 + (state["streaks"][previous[0]] if previous else 0)
+        state["streaks"] = streaks
+        persistent = [int(r) for r, n in streaks.items() if n >= self.persistence]
+        if not persistent:
+            return None
+        rank = min(persistent)
+        drop = next(c.drop for c in record.cliffs if c.rank == rank)
+        return {"rank": float(rank), "drop": float(drop), "evaluations": float(streaks[str(rank)])}
+
+    def _velocity_jump(self, record: EvaluationRecord) -> dict[str, float] | None:
+        velocity = record.metrics.get("entk/kernel_velocity")
+        if velocity is None:
+            return None
+        history = self._state["velocities"]
+        history.append(velocity)
+        if len(history) <= self.warmup:
+            return None
+        median = float(np.median(history[:-1]))
+        if median <= 0 or velocity < self.velocity_factor * median:
+            return None
+        return {"kernel_velocity": velocity, "running_median": median}
+
+    def state_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, list) else v) for k, v in self._state.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._state = {**self._fresh_state(), **state}

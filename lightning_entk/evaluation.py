@@ -1,0 +1,176 @@
+"""One evaluation of the monitor: the eNTK on the probe set, its spectrum, its cliffs, and the
+scalars logged under ``entk/``. Pure functions of a model and a probe set; no Lightning here.
+
+Logged scalars (``R`` rows of the kernel: N for ``trace``, C*N for ``flatten``):
+
+    entk/num_cliffs                  cliffs found by :func:`~lightning_entk.find_cliffs`
+    entk/cliff_rank/<i>              rank of the i-th cliff (1-based, by rank): eigenvalues above it
+    entk/cliff_drop/<i>              its fall, log10 units
+    entk/eigenvalue/top<j>           the j-th largest eigenvalue, j = 1..5
+    entk/effective_rank              entropy effective rank of the spectrum
+    entk/trace                       sum of eigenvalues (the kernel's scale)
+    entk/kernel_velocity             || K_t/|K_t| - K_s/|K_s| ||_F against the previous evaluation s
+    entk/kernel_target_alignment     centred alignment of K with the labels' Y Y^T (trace mode)
+    entk/kernel_regression_acc       accuracy of eNTK kernel regression on held-out probe points
+    entk/overlap/<family>            subspace overlap of the best cliff segment with a family of
+                                     ground-truth features
+    entk/seconds                     wall time of the evaluation
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lightning_entk.alignment import subspace_overlap
+from lightning_entk.cliffs import Cliff, find_cliffs
+from lightning_entk.kernel import OutputFn, ParamSelection, empirical_ntk
+from lightning_entk.probe import ProbeSet
+from lightning_entk.spectrum import Spectrum
+
+TOP_EIGENVALUES = 5
+RIDGE = 1e-8  # kernel regression ridge, relative to the mean diagonal: just above round-off
+
+
+@dataclass
+class Evaluation:
+    """What one evaluation found.
+
+    Attributes:
+        eigenvalues: ``(k,)`` float64, descending.
+        cliffs: cliffs of ``eigenvalues``, by rank.
+        metrics: the ``entk/`` scalars (see the module docstring).
+        overlaps: family -> overlap of each cliff segment (eigenvectors between consecutive
+            cliffs) with that family's features.
+        eigenvectors: ``(R, k_v)`` top eigenvectors in data space, ``None`` when not needed.
+        kernel: the kernel, kept to measure the next evaluation's velocity.
+    """
+
+    eigenvalues: np.ndarray
+    cliffs: list[Cliff]
+    metrics: dict[str, float]
+    overlaps: dict[str, list[float]] = field(default_factory=dict)
+    eigenvectors: Tensor | None = None
+    kernel: Tensor | None = None
+
+
+def evaluate(
+    model: nn.Module,
+    probe: ProbeSet,
+    *,
+    mode: str = "trace",
+    params: ParamSelection = None,
+    output_fn: OutputFn = None,
+    output_weights: Tensor | None = None,
+    previous_kernel: Tensor | None = None,
+    features: Mapping[str, Tensor] | None = None,
+    cliff_options: Mapping[str, object] | None = None,
+    keep_eigenvectors: bool = False,
+) -> Evaluation:
+    """Compute the eNTK of ``model`` on ``probe`` and everything the monitor logs about it.
+
+    Raises:
+        FloatingPointError: if the kernel is not finite (the caller skips the evaluation).
+    """
+    start = time.perf_counter()
+    kernel = empirical_ntk(
+        model, probe.x, mode=mode, params=params, output_fn=output_fn, output_weights=output_weights
+    )
+    if not torch.isfinite(kernel).all():
+        raise FloatingPointError("the eNTK has NaN or inf entries (diverging weights?)")
+    kernel = kernel.to(torch.float64)
+    need_vectors = bool(features) or keep_eigenvectors
+    spectrum = Spectrum.from_kernel(kernel, eigenvectors=need_vectors)
+    eigenvalues = spectrum.eigenvalues.cpu().numpy()
+    cliffs = find_cliffs(eigenvalues, **(cliff_options or {}))
+    metrics = spectrum_metrics(spectrum, cliffs)
+    if previous_kernel is not None:
+        metrics["entk/kernel_velocity"] = kernel_velocity(previous_kernel, kernel)
+    if probe.y is not None and mode == "trace":
+        targets = torch.nn.functional.one_hot(probe.y.to(kernel.device).long()).to(kernel.dtype)
+        metrics["entk/kernel_target_alignment"] = kernel_target_alignment(kernel, targets)
+        if probe.heldout is not None:
+            metrics["entk/kernel_regression_acc"] = kernel_regression_accuracy(
+                kernel, targets, probe.heldout.to(kernel.device)
+            )
+    overlaps = {}
+    if features:
+        overlaps = segment_overlaps(spectrum.eigenvectors, cliffs, features)
+        for family, values in overlaps.items():
+            metrics[f"entk/overlap/{family}"] = max(values)
+    metrics["entk/seconds"] = time.perf_counter() - start
+    return Evaluation(
+        eigenvalues=eigenvalues,
+        cliffs=cliffs,
+        metrics=metrics,
+        overlaps=overlaps,
+        eigenvectors=spectrum.eigenvectors if need_vectors else None,
+        kernel=kernel,
+    )
+
+
+def spectrum_metrics(spectrum: Spectrum, cliffs: list[Cliff]) -> dict[str, float]:
+    """Scalars of a spectrum and its cliffs (keys of the module docstring)."""
+    values = spectrum.eigenvalues
+    metrics = {
+        "entk/num_cliffs": float(len(cliffs)),
+        "entk/effective_rank": spectrum.effective_rank(),
+        "entk/trace": float(values.clamp(min=0).sum()),
+    }
+    for j in range(min(TOP_EIGENVALUES, len(values))):
+        metrics[f"entk/eigenvalue/top{j + 1}"] = float(values[j])
+    for i, cliff in enumerate(cliffs, start=1):
+        metrics[f"entk/cliff_rank/{i}"] = float(cliff.rank)
+        metrics[f"entk/cliff_drop/{i}"] = float(cliff.drop)
+    return metrics
+
+
+def kernel_velocity(previous: Tensor, current: Tensor) -> float:
+    """``|| K_t / ||K_t||_F - K_s / ||K_s||_F ||_F``: 0 for kernels equal up to scale, at most 2."""
+    a = previous.to(current) / torch.linalg.matrix_norm(previous)
+    b = current / torch.linalg.matrix_norm(current)
+    return float(torch.linalg.matrix_norm(a - b))
+
+
+def kernel_target_alignment(kernel: Tensor, targets: Tensor) -> float:
+    """Centred kernel-target alignment (Cortes, Mohri & Rostamizadeh 2012, eq. 3) of an
+    (N, N) kernel with one-hot targets (N, C): ``<HKH, HYY^TH>_F / (|HKH|_F |HYY^TH|_F)``."""
+    centred_k = kernel - kernel.mean(0, keepdim=True) - kernel.mean(1, keepdim=True) + kernel.mean()
+    y = targets - targets.mean(0, keepdim=True)
+    ideal = y @ y.T
+    return float(
+        (centred_k * ideal).sum()
+        / (torch.linalg.matrix_norm(centred_k) * torch.linalg.matrix_norm(ideal))
+    )
+
+
+def kernel_regression_accuracy(kernel: Tensor, targets: Tensor, heldout: Tensor) -> float:
+    """Accuracy on the held-out points of eNTK kernel regression from the others,
+    ``f(x) = K(x, X) K(X, X)^-1 Y`` (arXiv:2510.00468 eq. 1), with a ridge of ``RIDGE`` times the
+    mean diagonal so that the solve is defined when K(X, X) is singular."""
+    train = ~heldout
+    k_tt = kernel[train][:, train]
+    ridge = RIDGE * k_tt.diagonal().mean().clamp(min=torch.finfo(k_tt.dtype).tiny)
+    eye = torch.eye(k_tt.shape[0], dtype=k_tt.dtype, device=k_tt.device)
+    coefficients = torch.linalg.solve(k_tt + ridge * eye, targets[train])
+    predictions = kernel[heldout][:, train] @ coefficients
+    return float((predictions.argmax(1) == targets[heldout].argmax(1)).to(torch.float64).mean())
+
+
+def segment_overlaps(
+    eigenvectors: Tensor, cliffs: list[Cliff], features: Mapping[str, Tensor]
+) -> dict[str, list[float]]:
+    """Subspace overlap of each cliff segment (eigenvectors ``rank_{i-1}+1 .. rank_i``, with
+    ``rank_0 = 0``) with each family of features (R, F)."""
+    edges = [0, *[c.rank for c in cliffs]]
+    segments = [eigenvectors[:, lo:hi] for lo, hi in itertools.pairwise(edges)]
+    return {
+        family: [subspace_overlap(segment, f.to(eigenvectors)) for segment in segments] or [0.0]
+        for family, f in features.items()
+    }

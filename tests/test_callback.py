@@ -1,0 +1,268 @@
+import copy
+import warnings
+
+import lightning as L
+import pytest
+import torch
+import torchmetrics
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_entk import ENTKMonitor, PhaseTransition
+from lightning_entk.probe import ProbeSet
+
+
+class Blobs(L.LightningDataModule):
+    """Four Gaussian blobs in 6 dimensions; shuffled training batches."""
+
+    def __init__(self, n=96, batch_size=16):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        centres = torch.randn(4, 6, generator=g) * 2
+        y = torch.arange(n) % 4
+        x = centres[y] + torch.randn(n, 6, generator=g)
+        self.train_set = TensorDataset(x[: n * 3 // 4], y[: n * 3 // 4])
+        self.val_set = TensorDataset(x[n * 3 // 4 :], y[n * 3 // 4 :])
+        self.batch_size = batch_size
+
+    def train_dataloader(self):
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self):
+        return DataLoader(self.val_set, batch_size=64)
+
+
+class Classifier(L.LightningModule):
+    def __init__(self, lr=0.1, batchnorm=True):
+        super().__init__()
+        norm = nn.BatchNorm1d(32) if batchnorm else nn.Identity()
+        self.net = nn.Sequential(
+            nn.Linear(6, 32), nn.ReLU(), nn.Dropout(0.3), norm, nn.Linear(32, 4)
+        )
+        self.lr = lr
+        self.val_acc = torchmetrics.Accuracy(task="multiclass", num_classes=4)
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, _):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, _):
+        x, y = batch
+        self.val_acc(self(x), y)
+        self.log("val_acc", self.val_acc, prog_bar=True)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+def fit(tmp_path, callbacks=(), max_epochs=3, logger=False, model=None, **kwargs):
+    L.seed_everything(0, verbose=False)
+    model, data = model or Classifier(), Blobs()
+    kwargs.setdefault("enable_checkpointing", False)
+    trainer = L.Trainer(
+        max_epochs=max_epochs,
+        callbacks=list(callbacks),
+        logger=logger,
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+        accelerator="cpu",
+        **kwargs,
+    )
+    trainer.fit(model, datamodule=data)
+    return trainer, model
+
+
+def test_monitor_does_not_change_training(tmp_path):
+    _, plain = fit(tmp_path / "plain")
+    monitor = ENTKMonitor(every_n_epochs=1, every_n_train_steps=2)
+    _, watched = fit(tmp_path / "watched", callbacks=[monitor])
+    assert len(monitor.history) > 3
+    for (name, a), b in zip(plain.state_dict().items(), watched.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert watched.training  # left in train mode after fit's last evaluation
+    assert all(p.requires_grad for p in watched.parameters())
+
+
+def test_monitor_logs_scalars_to_callback_metrics_and_history(tmp_path):
+    monitor = ENTKMonitor(every_n_epochs=1)
+    trainer, _ = fit(tmp_path, callbacks=[monitor])
+    metrics = trainer.callback_metrics
+    for key in (
+        "entk/num_cliffs",
+        "entk/effective_rank",
+        "entk/eigenvalue/top1",
+        "entk/kernel_velocity",
+        "entk/kernel_target_alignment",
+        "entk/kernel_regression_acc",
+    ):
+        assert key in metrics, key
+    assert [r.epoch for r in monitor.history] == [0, 1, 2, 3]
+    assert monitor.probe is not None and len(monitor.probe) == 96
+    assert int(monitor.probe.heldout.sum()) == 24  # the validation points
+    assert "val_acc" in monitor.history[-1].metrics
+
+
+def test_monitor_uses_an_explicit_probe_set(tmp_path):
+    x = torch.randn(20, 6)
+    y = torch.arange(20) % 4
+    heldout = torch.arange(20) >= 15
+    monitor = ENTKMonitor(probe=ProbeSet(x, y, heldout), every_n_epochs=2)
+    fit(tmp_path, callbacks=[monitor], max_epochs=4)
+    assert torch.equal(monitor.probe.x, x)
+    assert [r.epoch for r in monitor.history] == [0, 2, 4]
+    assert all(len(r.eigenvalues) == 20 for r in monitor.history)
+
+
+def test_monitor_failure_is_a_warning_and_training_goes_on(tmp_path):
+    calls = {"n": 0}
+
+    def flaky(out):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("boom")
+        return out
+
+    monitor = ENTKMonitor(every_n_epochs=1, output_fn=flaky)
+    with pytest.warns(UserWarning, match="skipped its evaluation.*boom"):
+        trainer, _ = fit(tmp_path, callbacks=[monitor])
+    assert trainer.current_epoch == 3
+    assert len(monitor.history) == 3  # one of four evaluations skipped
+
+
+def test_monitor_non_finite_kernel_is_skipped(tmp_path):
+    monitor = ENTKMonitor(every_n_epochs=1, output_fn=lambda out: out * float("nan"))
+    with pytest.warns(UserWarning, match="NaN or inf"):
+        trainer, _ = fit(tmp_path, callbacks=[monitor], max_epochs=1)
+    assert trainer.current_epoch == 1 and monitor.history == []
+
+
+def test_monitor_invalid_arguments_fail_at_construction():
+    with pytest.raises(ValueError, match="`every_n_epochs` must be a positive int"):
+        ENTKMonitor(every_n_epochs=0)
+    with pytest.raises(ValueError, match="both are None"):
+        ENTKMonitor(every_n_epochs=None)
+    with pytest.raises(ValueError, match="`mode` must be"):
+        ENTKMonitor(mode="full")
+    with pytest.raises(ValueError, match="`probe` must be"):
+        ENTKMonitor(probe="data.csv")
+    with pytest.raises(ValueError, match="`memory_budget` must be"):
+        ENTKMonitor(memory_budget=-1)
+    with pytest.raises(ValueError, match="`on_transition` must be callable"):
+        ENTKMonitor(on_transition=3)
+
+
+def test_monitor_probe_over_budget_fails_at_setup_with_numbers(tmp_path):
+    monitor = ENTKMonitor(probe=torch.randn(600, 6), memory_budget=2**20)
+    with pytest.raises(ValueError, match=r"600 points.*600 x 600 kernel.*Use at most 181"):
+        fit(tmp_path, callbacks=[monitor])
+
+
+def test_monitor_state_survives_checkpoint_resume(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first = ENTKMonitor(every_n_epochs=1)
+    fit(tmp_path, callbacks=[first, checkpoint], max_epochs=2, enable_checkpointing=True)
+    resumed = ENTKMonitor(every_n_epochs=1)
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(
+        max_epochs=4,
+        callbacks=[resumed],
+        logger=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+    )
+    trainer.fit(Classifier(), datamodule=Blobs(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert [r.epoch for r in resumed.history] == [0, 1, 2, 3, 4]
+    assert torch.equal(resumed.probe.x, first.probe.x)
+    assert resumed.history[1].metrics == first.history[1].metrics
+    assert "entk/kernel_velocity" in resumed.history[3].metrics  # previous kernel restored
+
+
+def test_monitor_without_logger_and_with_csv_logger(tmp_path, caplog):
+    fit(tmp_path / "none", callbacks=[ENTKMonitor()], logger=False)
+    logger = CSVLogger(tmp_path / "csv")
+    with caplog.at_level("INFO"):
+        fit(tmp_path / "csv", callbacks=[ENTKMonitor()], logger=logger)
+    assert sum("need a TensorBoardLogger" in r.message for r in caplog.records) == 1
+    header = (
+        (tmp_path / "csv" / "lightning_logs" / "version_0" / "metrics.csv")
+        .read_text()
+        .splitlines()[0]
+    )
+    assert "entk/num_cliffs" in header
+
+
+def test_monitor_transition_hook_and_events(tmp_path):
+    seen = []
+    detector_raises = ENTKMonitor(every_n_epochs=1, on_transition=seen.append)
+    detector_raises.early_warning.lead_rise = 1e-9  # any rise of kernel regression counts
+    detector_raises.early_warning.lead_margin = 1e-9
+    detector_raises.early_warning.accuracy_key = None
+    fit(tmp_path, callbacks=[detector_raises])
+    assert seen == detector_raises.transitions
+    assert all(isinstance(t, PhaseTransition) for t in seen)
+
+
+def test_monitor_tensorboard_events_and_summary(tmp_path):
+    logger = TensorBoardLogger(tmp_path, name="run")
+    monitor = ENTKMonitor(every_n_epochs=1, image_every_n_evaluations=2)
+    fit(tmp_path, callbacks=[monitor], logger=logger)
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    assert "entk/num_cliffs" in scalars and "val_acc" in scalars
+    assert {"entk/spectrum", "entk/spectrum_evolution"} <= set(events.Tags()["images"])
+    assert "entk/log10_eigenvalues" in events.Tags()["histograms"]
+    assert (tmp_path / "run" / "version_0" / "entk_summary.png").stat().st_size > 10_000
+    assert len(events.Scalars("entk/num_cliffs")) == 4  # initialization + 3 epochs
+
+
+def test_monitor_state_dict_round_trip():
+    monitor = ENTKMonitor()
+    monitor.probe = ProbeSet(torch.randn(5, 2))
+    clone = ENTKMonitor()
+    clone.load_state_dict(copy.deepcopy(monitor.state_dict()))
+    assert torch.equal(clone.probe.x, monitor.probe.x) and clone.history == []
+
+
+@pytest.mark.slow
+def test_monitor_ddp_spawn_matches_single_process(tmp_path):
+    """Two CPU processes: one evaluation per epoch, no deadlock, and the values of a single
+    process (the weights are frozen by lr=0 so that both runs see the same model)."""
+
+    def frozen_model():
+        torch.manual_seed(0)
+        return Classifier(lr=0.0, batchnorm=False)
+
+    single, _ = fit(tmp_path / "one", [ENTKMonitor()], max_epochs=2, model=frozen_model())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        multi, _ = fit(
+            tmp_path / "two",
+            [ENTKMonitor()],
+            max_epochs=2,
+            model=frozen_model(),
+            strategy="ddp_spawn",
+            devices=2,
+            logger=TensorBoardLogger(tmp_path / "two", name="run"),
+        )
+    events = EventAccumulator(str(tmp_path / "two" / "run" / "version_0"))
+    events.Reload()
+    assert len(events.Scalars("entk/num_cliffs")) == 3  # initialization + 2 epochs, once each
+    keys = [k for k in single.callback_metrics if k.startswith("entk/")]
+    keys = [k for k in keys if k not in ("entk/seconds",)]
+    assert "entk/eigenvalue/top1" in keys
+    for key in keys:
+        torch.testing.assert_close(
+            multi.callback_metrics[key], single.callback_metrics[key], msg=key
+        )
