@@ -8,7 +8,9 @@ core: :func:`~lightning_entk.evaluation.evaluate`, :class:`~lightning_entk.Early
 from __future__ import annotations
 
 import contextlib
+import math
 import random
+import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from lightning_entk import plots
 from lightning_entk.alignment import feature_alignment
 from lightning_entk.early_warning import EarlyWarning, EvaluationRecord, PhaseTransition
 from lightning_entk.evaluation import Evaluation, evaluate
-from lightning_entk.kernel import OutputFn, ParamSelection
+from lightning_entk.kernel import OutputFn, ParamSelection, empirical_ntk
 from lightning_entk.probe import (
     DEFAULT_MAX_PROBE_POINTS,
     ProbeSet,
@@ -149,6 +151,7 @@ class ENTKMonitor(Callback):
         self._features: dict[str, Tensor] = {}
         self._feature_pairs = False
         self._previous_kernel: Tensor | None = None
+        self._rows_per_point = 1  # kernel rows per probe point: C for ``flatten``
         self.summary_path: Path | None = None
 
     # ----------------------------------------------------------------------------------------
@@ -223,9 +226,13 @@ class ENTKMonitor(Callback):
         ``when``: ``start`` (before training), ``epoch`` (an epoch's end) or ``step``."""
         if trainer.sanity_checking or self.probe is None:
             return
+        start = time.perf_counter()
+        blocks = self._kernel_row_blocks(trainer, pl_module) if trainer.world_size > 1 else None
         result = None
         if trainer.is_global_zero:
-            result = self._evaluate_safely(trainer, pl_module)
+            result = self._evaluate_safely(trainer, pl_module, blocks)
+            if result is not None:
+                result.metrics["entk/seconds"] = time.perf_counter() - start
         payload = (
             None
             if result is None
@@ -266,8 +273,44 @@ class ENTKMonitor(Callback):
         if trainer.is_global_zero and result is not None:
             self._log_images(trainer, result)
 
-    def _evaluate_safely(self, trainer: Trainer, pl_module: LightningModule) -> Evaluation | None:
+    def _kernel_row_blocks(self, trainer: Trainer, pl_module: LightningModule) -> Tensor | None:
+        """Under several processes, each computes the kernel rows of an equal share of the probe
+        points; rank 0 receives them all, ``(world, rows per rank, all rows)``, the others
+        ``None``. A rank that fails sends NaN rows (rank 0 then skips the evaluation): every rank
+        always reaches the gather, so a failure cannot deadlock the run."""
+        n, world, rank = len(self.probe), trainer.world_size, trainer.global_rank
+        share = math.ceil(n / world)
+        # Equal shares for the gather: the last rank's share is padded with copies of point 0.
+        rows = torch.arange(rank * share, (rank + 1) * share)
+        rows = torch.where(rows < n, rows, 0)
+        x = self.probe.x.to(pl_module.device)
         try:
+            with _preserved_rng():
+                block = empirical_ntk(
+                    pl_module,
+                    x[rows],
+                    x,
+                    mode=self.mode,
+                    params=self.params,
+                    output_fn=self.output_fn,
+                    output_weights=self.output_weights,
+                ).to(torch.float64)
+        except Exception as err:
+            rank_zero_warn(f"ENTKMonitor: kernel rows failed on rank {rank}: {err!r}")
+            outputs = self._rows_per_point
+            block = torch.full(
+                (outputs * share, outputs * n), torch.nan, dtype=torch.float64, device=x.device
+            )
+        blocks = trainer.strategy.all_gather(block)
+        return blocks if trainer.is_global_zero else None
+
+    def _evaluate_safely(
+        self, trainer: Trainer, pl_module: LightningModule, row_blocks: Tensor | None = None
+    ) -> Evaluation | None:
+        try:
+            kernel = None
+            if row_blocks is not None:
+                kernel = assemble_row_blocks(row_blocks, len(self.probe), self._rows_per_point)
             with _preserved_rng():
                 result = evaluate(
                     pl_module,
@@ -279,6 +322,7 @@ class ENTKMonitor(Callback):
                     previous_kernel=self._previous_kernel,
                     features=self._features,
                     cliff_options=self.cliff_options,
+                    kernel=kernel,
                 )
         except Exception as err:  # never let monitoring end the user's run
             rank_zero_warn(
@@ -341,6 +385,9 @@ class ENTKMonitor(Callback):
             figures[f"entk/alignment/{family}"] = plots.plot_alignment(
                 matrix,
                 title=f"|cos| of eigenvectors with features '{family}'",
+                col_label=(
+                    "frequency (cos and sin combined)" if self._feature_pairs else "feature index"
+                ),
                 cliffs=result.cliffs,
             )
         return figures
@@ -368,7 +415,8 @@ class ENTKMonitor(Callback):
         )
 
     def _check_budget(self, probe: ProbeSet, pl_module: LightningModule) -> None:
-        rows = len(probe) * (self._num_outputs(probe, pl_module) if self.mode == "flatten" else 1)
+        self._rows_per_point = self._num_outputs(probe, pl_module) if self.mode == "flatten" else 1
+        rows = len(probe) * self._rows_per_point
         need, fits = kernel_memory_bytes(rows), max_rows_within(self.memory_budget)
         if need > self.memory_budget:
             raise ValueError(
@@ -386,6 +434,28 @@ class ENTKMonitor(Callback):
 
     def _last_step(self) -> int | None:
         return self.history[-1].step if self.history else None
+
+
+def assemble_row_blocks(blocks: Tensor, n: int, outputs: int) -> Tensor:
+    """The kernel of ``n`` probe points from the row blocks of equal shares of them.
+
+    Args:
+        blocks: ``(world, outputs * share, outputs * n)``: block ``r`` holds the kernel rows of
+            points ``r * share .. (r + 1) * share - 1`` (class-major when ``outputs`` > 1,
+            padded past ``n``) against all ``n`` points.
+        n: probe points.
+        outputs: kernel rows per point: 1 for ``trace``, C for ``flatten``.
+
+    Example:
+        >>> k = torch.arange(16.0).reshape(4, 4)
+        >>> blocks = torch.stack([k[:2], k[2:]])
+        >>> torch.equal(assemble_row_blocks(blocks, n=4, outputs=1), k)
+        True
+    """
+    world, columns = blocks.shape[0], blocks.shape[2]
+    share = blocks.shape[1] // outputs
+    by_class = blocks.reshape(world, outputs, share, columns).transpose(0, 1)
+    return by_class.reshape(outputs, world * share, columns)[:, :n].reshape(outputs * n, columns)
 
 
 def _tensorboard(trainer: Trainer) -> TensorBoardLogger | None:

@@ -72,16 +72,26 @@ def evaluate(
     features: Mapping[str, Tensor] | None = None,
     cliff_options: Mapping[str, object] | None = None,
     keep_eigenvectors: bool = False,
+    kernel: Tensor | None = None,
 ) -> Evaluation:
     """Compute the eNTK of ``model`` on ``probe`` and everything the monitor logs about it.
+
+    ``kernel``: the eNTK of the probe set in ``mode`` when the caller has it already (e.g.
+    assembled from row blocks computed by several processes); computed here when ``None``.
 
     Raises:
         FloatingPointError: if the kernel is not finite (the caller skips the evaluation).
     """
     start = time.perf_counter()
-    kernel = empirical_ntk(
-        model, probe.x, mode=mode, params=params, output_fn=output_fn, output_weights=output_weights
-    )
+    if kernel is None:
+        kernel = empirical_ntk(
+            model,
+            probe.x,
+            mode=mode,
+            params=params,
+            output_fn=output_fn,
+            output_weights=output_weights,
+        )
     if not torch.isfinite(kernel).all():
         raise FloatingPointError("the eNTK has NaN or inf entries (diverging weights?)")
     kernel = kernel.to(torch.float64)

@@ -355,6 +355,7 @@ def plot_alignment(
     matrix,
     *,
     row_label: str = "eigenvector index",
+    col_label: str = "feature index",
     col_labels: Sequence[str] | None = None,
     title: str | None = None,
     cliffs: Iterable = (),
@@ -368,6 +369,7 @@ def plot_alignment(
     Args:
         matrix: ``(k, F)`` values in [0, 1].
         row_label: the y-axis label.
+        col_label: the x-axis label.
         col_labels: F feature names for the x ticks; 1-based feature numbers when ``None``.
         title: the axes title; ``"eigenvector-feature alignment"`` when ``None``.
         cliffs: objects with ``.rank``.
@@ -406,9 +408,7 @@ def plot_alignment(
         step = max(1, int(np.ceil(n_features / 40)))
         ticks = np.arange(1, n_features + 1)[::step]
         ax.set_xticks(ticks, [str(col_labels[t - 1]) for t in ticks], rotation=90, fontsize=8)
-        ax.set_xlabel("feature")
-    else:
-        ax.set_xlabel("feature index")
+    ax.set_xlabel(col_label)
     ax.set_ylabel(row_label)
     ax.set_title("eigenvector-feature alignment" if title is None else title)
     text_at = blended_transform_factory(ax.transAxes, ax.transData)

@@ -11,7 +11,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_entk import ENTKMonitor, PhaseTransition
+from lightning_entk import ENTKMonitor, PhaseTransition, empirical_ntk
+from lightning_entk.callback import assemble_row_blocks
 from lightning_entk.probe import ProbeSet
 
 
@@ -236,20 +237,22 @@ def test_monitor_state_dict_round_trip():
 
 
 @pytest.mark.slow
-def test_monitor_ddp_spawn_matches_single_process(tmp_path):
-    """Two CPU processes: one evaluation per epoch, no deadlock, and the values of a single
-    process (the weights are frozen by lr=0 so that both runs see the same model)."""
+@pytest.mark.parametrize("mode", ["trace", "flatten"])
+def test_monitor_ddp_spawn_matches_single_process(tmp_path, mode):
+    """Two CPU processes, each computing half of the kernel's rows: one evaluation per epoch,
+    logged once, no deadlock, and the values of a single process (the weights are frozen by
+    lr=0 so that both runs see the same model)."""
 
     def frozen_model():
         torch.manual_seed(0)
         return Classifier(lr=0.0, batchnorm=False)
 
-    single, _ = fit(tmp_path / "one", [ENTKMonitor()], max_epochs=2, model=frozen_model())
+    single, _ = fit(tmp_path / "one", [ENTKMonitor(mode=mode)], max_epochs=2, model=frozen_model())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         multi, _ = fit(
             tmp_path / "two",
-            [ENTKMonitor()],
+            [ENTKMonitor(mode=mode)],
             max_epochs=2,
             model=frozen_model(),
             strategy="ddp_spawn",
@@ -266,3 +269,20 @@ def test_monitor_ddp_spawn_matches_single_process(tmp_path):
         torch.testing.assert_close(
             multi.callback_metrics[key], single.callback_metrics[key], msg=key
         )
+
+
+@pytest.mark.parametrize("mode", ["trace", "flatten"])
+def test_row_blocks_of_equal_shares_assemble_the_kernel(mode):
+    """7 points over 3 ranks: shares of 3, the last padded; class-major rows for flatten."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x = torch.randn(7, 6, dtype=torch.float64)
+    share = 3
+    blocks = []
+    for rank in range(3):
+        rows = torch.arange(rank * share, (rank + 1) * share)
+        rows = torch.where(rows < len(x), rows, 0)
+        blocks.append(empirical_ntk(model, x[rows], x, mode=mode))
+    outputs = 3 if mode == "flatten" else 1
+    kernel = assemble_row_blocks(torch.stack(blocks), n=len(x), outputs=outputs)
+    torch.testing.assert_close(kernel, empirical_ntk(model, x, mode=mode), rtol=1e-12, atol=0)

@@ -1,0 +1,81 @@
+"""The demo: train the modular-arithmetic MLP with ENTKMonitor and a TensorBoard logger.
+
+    python -m example_modules.modular_arithmetic                      # the paper's setup
+    python -m example_modules.modular_arithmetic --help               # every argument
+    python -m example_modules.modular_arithmetic --trainer.max_epochs 150 --monitor.every_n_epochs 5
+
+Model (``--model.*``), data (``--data.*``), trainer (``--trainer.*``) and monitor
+(``--monitor.*``) arguments are those of their classes (LightningCLI). At the end it prints where
+the logs and the summary figure are, and a one-screen summary: when the network grokked, when
+the monitor warned, and the cliffs at the start and the end.
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch.cli import LightningCLI
+
+from example_modules.modular_arithmetic import ModularArithmeticDataModule, ModularArithmeticMLP
+from lightning_entk.callback import ENTKMonitor
+
+DEFAULT_LOG_DIR = "entk_runs"
+
+
+class DemoCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(ENTKMonitor, "monitor")
+        parser.set_defaults({"monitor.every_n_epochs": 2})
+
+
+def main(args: list[str] | None = None) -> ENTKMonitor:
+    """Run the demo; ``args`` as on the command line (``None``: ``sys.argv``)."""
+    cli = DemoCLI(
+        ModularArithmeticMLP,
+        ModularArithmeticDataModule,
+        run=False,
+        seed_everything_default=0,
+        save_config_callback=None,
+        trainer_defaults={
+            "max_epochs": 300,
+            "enable_checkpointing": False,
+            "log_every_n_steps": 1,
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": DEFAULT_LOG_DIR, "name": "modular_arithmetic"},
+            },
+        },
+        args=args,
+    )
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    monitor = next(c for c in cli.trainer.callbacks if isinstance(c, ENTKMonitor))
+    print(summary(monitor, cli.trainer))
+    return monitor
+
+
+def summary(monitor: ENTKMonitor, trainer) -> str:
+    """A one-screen text summary of a monitored run."""
+    history = monitor.history
+    lines = ["", "=" * 72, "eNTK monitor summary", "=" * 72]
+    key = monitor.accuracy_key
+    for level in (0.5, 0.95):
+        epoch = next((r.epoch for r in history if r.metrics.get(key, 0.0) >= level), None)
+        seen = f"epoch {epoch}" if epoch is not None else "not reached"
+        lines.append(f"{key} >= {level:<5} first seen at evaluation of {seen}")
+    if monitor.transitions:
+        first = monitor.transitions[0]
+        lines.append(f"early warning: {first.describe()}")
+        lines += [f"    also: {t.describe()}" for t in monitor.transitions[1:]]
+    else:
+        lines.append("early warning: none raised")
+    if history:
+        for label, record in (("start", history[0]), ("end", history[-1])):
+            ranks = ", ".join(f"{c.rank} (x{10**c.drop:.2f})" for c in record.cliffs) or "none"
+            lines.append(f"cliffs at {label:<5} (epoch {record.epoch:>3}): ranks {ranks}")
+    log_dir = trainer.logger.log_dir if trainer.logger else trainer.default_root_dir
+    lines += [
+        "",
+        f"TensorBoard logs: {log_dir}",
+        f"summary figure:   {monitor.summary_path or 'not written'}",
+        f"open them with:   tensorboard --logdir {DEFAULT_LOG_DIR}",
+        "=" * 72,
+    ]
+    return "\n".join(lines)
