@@ -70,12 +70,11 @@ def summary(monitor: ENTKMonitor, trainer) -> str:
         for label, record in (("start", history[0]), ("end", history[-1])):
             ranks = ", ".join(f"{c.rank} (x{10**c.drop:.2f})" for c in record.cliffs) or "none"
             lines.append(f"cliffs at {label:<5} (epoch {record.epoch:>3}): ranks {ranks}")
-    log_dir = trainer.logger.log_dir if trainer.logger else trainer.default_root_dir
-    lines += [
-        "",
-        f"TensorBoard logs: {log_dir}",
-        f"summary figure:   {monitor.summary_path or 'not written'}",
-        f"open them with:   tensorboard --logdir {DEFAULT_LOG_DIR}",
-        "=" * 72,
-    ]
+    lines += ["", f"summary figure:   {monitor.summary_path or 'not written'}"]
+    if trainer.logger is not None:
+        lines += [
+            f"TensorBoard logs: {trainer.logger.log_dir}",
+            f"open them with:   tensorboard --logdir {trainer.logger.save_dir}",
+        ]
+    lines.append("=" * 72)
     return "\n".join(lines)

@@ -52,7 +52,8 @@ class ENTKMonitor(Callback):
     truth (a method ``entk_ground_truth(x, mode) -> dict[str, Tensor]`` giving, per feature family,
     an ``(R, F)`` matrix over the probe's kernel rows; set ``entk_feature_pairs = True`` on the
     module when consecutive columns are cos/sin pairs of one frequency). At the end of fit the
-    evolution figure is saved as ``entk_summary.png`` in the logger's directory.
+    evolution figure is saved as ``entk_summary.png`` in the logger's directory (with no logger,
+    draw it with :meth:`summary_figure`).
 
     The training run is never changed: the kernel is computed on detached copies of the
     parameters in eval mode without autocast, RNG states are restored, and an evaluation that
@@ -189,11 +190,12 @@ class ENTKMonitor(Callback):
             self._run_evaluation(trainer, pl_module, when="step")
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not trainer.is_global_zero or len(self.history) < 1:
-            return
+        log_dir = _log_dir(trainer)
+        if not trainer.is_global_zero or not self.history or log_dir is None:
+            return  # without a logger: `summary_figure()` draws it on demand
         try:
             figure = self.summary_figure()
-            path = Path(_log_dir(trainer)) / SUMMARY_FILENAME
+            path = Path(log_dir) / SUMMARY_FILENAME
             path.parent.mkdir(parents=True, exist_ok=True)
             figure.savefig(path, dpi=100)
             self.summary_path = path
@@ -462,12 +464,10 @@ def _tensorboard(trainer: Trainer) -> TensorBoardLogger | None:
     return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
 
 
-def _log_dir(trainer: Trainer) -> str:
-    for logger in trainer.loggers:
-        directory = getattr(logger, "log_dir", None)
-        if directory:
-            return directory
-    return trainer.default_root_dir
+def _log_dir(trainer: Trainer) -> str | None:
+    """The first logger's directory, if any logger has one."""
+    directories = (getattr(logger, "log_dir", None) for logger in trainer.loggers)
+    return next((d for d in directories if d), None)
 
 
 def _datasets(trainer: Trainer):

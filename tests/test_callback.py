@@ -191,6 +191,7 @@ def test_monitor_state_survives_checkpoint_resume(tmp_path):
 
 def test_monitor_without_logger_and_with_csv_logger(tmp_path, caplog):
     fit(tmp_path / "none", callbacks=[ENTKMonitor()], logger=False)
+    assert not list(tmp_path.rglob("*.png"))  # no logger, no log directory: no file written
     logger = CSVLogger(tmp_path / "csv")
     with caplog.at_level("INFO"):
         fit(tmp_path / "csv", callbacks=[ENTKMonitor()], logger=logger)
