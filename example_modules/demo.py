@@ -12,6 +12,7 @@ the monitor warned, and the cliffs at the start and the end.
 
 from __future__ import annotations
 
+from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
 from example_modules.modular_arithmetic import ModularArithmeticDataModule, ModularArithmeticMLP
@@ -21,26 +22,45 @@ DEFAULT_LOG_DIR = "entk_runs"
 
 
 class DemoCLI(LightningCLI):
+    def __init__(self, *args, extra_defaults: dict | None = None, **kwargs) -> None:
+        self.extra_defaults = {"monitor.every_n_epochs": 2, **(extra_defaults or {})}
+        super().__init__(*args, **kwargs)
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ENTKMonitor, "monitor")
-        parser.set_defaults({"monitor.every_n_epochs": 2})
+        parser.set_defaults(self.extra_defaults)
 
 
-def main(args: list[str] | None = None) -> ENTKMonitor:
-    """Run the demo; ``args`` as on the command line (``None``: ``sys.argv``)."""
+def main(
+    args: list[str] | None = None,
+    model_class: type[LightningModule] = ModularArithmeticMLP,
+    datamodule_class: type[LightningDataModule] = ModularArithmeticDataModule,
+    *,
+    name: str = "modular_arithmetic",
+    max_epochs: int = 300,
+    seed: int = 0,
+    defaults: dict | None = None,
+) -> ENTKMonitor:
+    """Run the demo; ``args`` as on the command line (``None``: ``sys.argv``).
+
+    ``model_class`` and ``datamodule_class`` choose the experiment; ``name`` is the run's
+    directory under the log dir; ``defaults`` overrides parser defaults by dotted key (e.g.
+    ``{"monitor.every_n_epochs": 20, "data.seed": 3}``).
+    """
     cli = DemoCLI(
-        ModularArithmeticMLP,
-        ModularArithmeticDataModule,
+        model_class,
+        datamodule_class,
         run=False,
-        seed_everything_default=0,
+        seed_everything_default=seed,
         save_config_callback=None,
+        extra_defaults=defaults,
         trainer_defaults={
-            "max_epochs": 300,
+            "max_epochs": max_epochs,
             "enable_checkpointing": False,
             "log_every_n_steps": 1,
             "logger": {
                 "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": DEFAULT_LOG_DIR, "name": "modular_arithmetic"},
+                "init_args": {"save_dir": DEFAULT_LOG_DIR, "name": name},
             },
         },
         args=args,

@@ -79,10 +79,17 @@ def _family_values(a: Tensor, b: Tensor, family: str) -> Tensor:
     return {"a": a, "b": b, "sum": a + b, "diff": a - b}[family]
 
 
-def _grid_pairs(p: int) -> tuple[Tensor, Tensor]:
+def grid_pairs(p: int) -> tuple[Tensor, Tensor]:
     """``a`` and ``b`` ``(p^2,)`` of the grid, pair ``(a, b)`` at row ``a * p + b``."""
     a, b = torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij")
     return a.flatten(), b.flatten()
+
+
+def fourier_families(a: Tensor, b: Tensor, p: int, dtype: torch.dtype) -> dict[str, Tensor]:
+    """The Fourier features of every family at pairs ``(a, b)`` (``(N,)`` integers each):
+    ``{"a", "b", "sum", "diff"}`` to ``(N, 2 * floor(p / 2))`` matrices in ``dtype``, columns as
+    in :func:`fourier_features`. The ground truth of both modular-addition examples."""
+    return {f: _fourier_columns(_family_values(a, b, f), p, dtype) for f in FAMILIES}
 
 
 def fourier_features(p: int, family: str) -> Tensor:
@@ -107,7 +114,7 @@ def fourier_features(p: int, family: str) -> Tensor:
                 [0.3090, 0.9511]], dtype=torch.float64)
     """
     _check_int("p", p, 2)
-    a, b = _grid_pairs(p)
+    a, b = grid_pairs(p)
     return _fourier_columns(_family_values(a, b, family), p, torch.float64)
 
 
@@ -175,7 +182,7 @@ class ModularArithmeticDataModule(L.LightningDataModule):
         """All pairs: ``x`` ``(p^2, 2p)`` float32 and ``y`` ``(p^2,)`` int64, pair ``(a, b)`` at
         row ``a * p + b``."""
         p = self.p
-        a, b = _grid_pairs(p)
+        a, b = grid_pairs(p)
         x = torch.cat([F.one_hot(a, p), F.one_hot(b, p)], dim=1).float()
         return x, (a + b) % p
 
@@ -280,7 +287,7 @@ class ModularArithmeticMLP(L.LightningModule):
             return {}
         a, b = x[:, : self.p].argmax(dim=1), x[:, self.p :].argmax(dim=1)
         dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
-        return {f: _fourier_columns(_family_values(a, b, f), self.p, dtype) for f in FAMILIES}
+        return fourier_families(a, b, self.p, dtype)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,11 @@ Two implementations sit behind :func:`empirical_ntk`, chosen by :class:`NTKMetho
 ``structured`` (the default) never forms a per-example Jacobian for ``nn.Linear``,
 ``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Embedding``; ``jacobian`` forms all of them with
 ``torch.func`` and contracts, and is the reference the other is tested against.
+
+Both cost one backward pass per output, so the ``trace`` kernel of a model with thousands of
+outputs can instead be *estimated* from ``s`` random projections of the outputs
+(``output_projections=s``): ``s`` backward passes whatever C is, unbiased, with the variance
+given in :func:`empirical_ntk`.
 """
 
 from __future__ import annotations
@@ -78,6 +83,8 @@ def empirical_ntk(
     output_weights: Tensor | None = None,
     method: str | NTKMethod = "auto",
     batch_size: int = 256,
+    output_projections: int | Tensor | None = None,
+    projection_seed: int = 0,
 ) -> Tensor:
     """Empirical NTK ``J(x1) J(x2)^T`` of ``model`` between two sets of points.
 
@@ -100,13 +107,39 @@ def empirical_ntk(
             formed, so ``K[n, m, i, j]`` becomes ``w_i w_j K[n, m, i, j]``.
         method: ``"auto"``, ``"structured"`` or ``"jacobian"`` (see :class:`NTKMethod`).
         batch_size: points per forward pass.
+        output_projections: ``None`` for the exact kernel. An int ``s`` (``mode="trace"``
+            only) *estimates* the trace kernel from ``s`` random projections of the outputs,
+            for models with many outputs: ``s`` backward passes per point instead of ``C``.
+            With ``v_1 .. v_s`` drawn once, shared by all points, each of ``C`` independent
+            Rademacher (+-1) entries scaled by ``1/sqrt(s)``,
+
+                ``K_hat(x, x') = sum_r (sum_c v_rc J_c(x)) . (sum_c v_rc J_c(x'))``
+
+            is a Gram matrix (positive semi-definite) with ``E[K_hat] = K``, since
+            ``sum_r E[v_r v_r^T] = I``. Writing ``K_cd = J_c(x) . J_d(x')`` (the ``full``
+            kernel), each entry has variance
+
+                ``Var[K_hat(x, x')] = (1/s) sum_{c != d} (K_cd^2 + K_cd K_dc)``
+
+            (in one projection only the products ``z_c z_d``, ``c != d``, of the signs are
+            random; two of them are correlated only when they pair the same two outputs, and
+            the s projections are independent), i.e. ``(2/s) sum_{c != d} K_cd^2`` on the
+            diagonal ``x = x'``. The estimate is accurate when the kernel is dominated by its
+            class-diagonal ``K_cc``; its error falls as ``1/sqrt(s)``. A tensor ``(C, s)``
+            gives the projections ``v_r`` as its columns instead (``torch.eye(C)``, or any
+            orthogonal matrix, gives the exact kernel).
+        projection_seed: seed of the random projections (an int ``output_projections``
+            only): the same seed gives the same estimate; average over seeds to reduce the
+            error. The global RNG is not used.
 
     Returns:
         The kernel, in the shape given by ``mode``.
 
     Raises:
         ValueError: for an unknown mode or method, points of different shapes, non-finite
-            points, a selection that matches no parameter, or an output that is not ``(N, C)``.
+            points, a selection that matches no parameter, an output that is not ``(N, C)``,
+            or ``output_projections`` that is not a positive int or a ``(C, s)`` tensor, or
+            is given with a mode other than ``"trace"``.
 
     Example:
         >>> import torch
@@ -117,9 +150,25 @@ def empirical_ntk(
         torch.Size([5, 5])
         >>> empirical_ntk(model, x, x[:2], mode="full").shape
         torch.Size([5, 2, 2, 2])
+        >>> exact = empirical_ntk(model, x)
+        >>> estimate = empirical_ntk(model, x, output_projections=torch.eye(2, dtype=x.dtype))
+        >>> torch.allclose(estimate, exact)
+        True
     """
     _check_choice("mode", mode, MODES)
-    with ntk_context(model, x1, x2, params, output_fn, output_weights, method, batch_size) as ctx:
+    check_projection_mode(output_projections, mode)
+    with ntk_context(
+        model,
+        x1,
+        x2,
+        params,
+        output_fn,
+        output_weights,
+        method,
+        batch_size,
+        output_projections=output_projections,
+        projection_seed=projection_seed,
+    ) as ctx:
         j1 = ctx.jacobian(ctx.x1)
         j2 = j1 if ctx.x2 is None else ctx.jacobian(ctx.x2)
         return j1.kernel(j2, mode)
@@ -133,6 +182,37 @@ def _check_choice(name: str, value: object, allowed: Iterable[str]) -> None:
     allowed = tuple(allowed)
     if value not in allowed:
         raise ValueError(f"`{name}` must be one of {allowed}, got {value!r}.")
+
+
+def check_projection_mode(output_projections: int | Tensor | None, mode: str) -> None:
+    """Output projections estimate the trace kernel only: reject them with any other mode."""
+    if output_projections is not None and mode != "trace":
+        raise ValueError(
+            f"`output_projections` estimates the trace kernel and needs mode='trace', got "
+            f"mode={mode!r}; pass output_projections=None for the exact {mode!r} kernel."
+        )
+
+
+def _check_projections(output_projections: object, projection_seed: object) -> None:
+    if output_projections is None:
+        return
+    if isinstance(output_projections, Tensor):
+        if output_projections.ndim != 2 or not output_projections.is_floating_point():
+            raise ValueError(
+                "`output_projections` as a tensor must be float (C, s) with the projections as "
+                f"columns, got {output_projections.dtype} {tuple(output_projections.shape)}."
+            )
+    elif (
+        not isinstance(output_projections, int)
+        or isinstance(output_projections, bool)
+        or output_projections < 1
+    ):
+        raise ValueError(
+            "`output_projections` must be None, a positive int (the number of random "
+            f"projections) or a (C, s) tensor, got {output_projections!r}."
+        )
+    if not isinstance(projection_seed, int) or isinstance(projection_seed, bool):
+        raise ValueError(f"`projection_seed` must be an int, got {projection_seed!r}.")
 
 
 def _check_points(name: str, x: Tensor) -> None:
@@ -219,11 +299,16 @@ def ntk_context(
     output_weights: Tensor | None,
     method: str | NTKMethod,
     batch_size: int,
+    *,
+    output_projections: int | Tensor | None = None,
+    projection_seed: int = 0,
 ) -> Iterator[_NTKContext]:
-    """Validate the arguments and yield a context that computes Jacobian factors."""
+    """Validate the arguments and yield a context that computes Jacobian factors (of the
+    projected outputs when ``output_projections`` is given, see :func:`empirical_ntk`)."""
     _check_choice("method", str(getattr(method, "value", method)), [m.value for m in NTKMethod])
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
+    _check_projections(output_projections, projection_seed)
     _check_points("x1", x1)
     if x2 is not None:
         _check_points("x2", x2)
@@ -256,6 +341,8 @@ def ntk_context(
             output_weights=output_weights,
             method=NTKMethod(getattr(method, "value", method)),
             batch_size=batch_size,
+            output_projections=output_projections,
+            projection_seed=projection_seed,
         )
 
 
@@ -297,7 +384,8 @@ class _Block:
             return self.g.new_ones(self.g.shape[0] * self.g.shape[1], 1).expand(
                 -1, other.g.shape[0] * other.g.shape[1]
             )
-        return self.a.reshape(-1, self.a.shape[-1]) @ other.a.reshape(-1, other.a.shape[-1]).T
+        d = self.a.shape[-1]
+        return _gram(self.a.reshape(-1, d), other.a.reshape(-1, d), symmetric=other is self)
 
     def _materialize_cheaper(self, other: _Block, classes_paired: int) -> bool:
         """Whether forming per-example Jacobians beats the T1 x T2 Gram of the factors."""
@@ -309,6 +397,24 @@ class _Block:
         dense = classes_paired * self.size + (t1 + t2) * self.size
         fits = self.g.shape[0] * self.g.shape[2] * self.size <= 2**28
         return fits and dense < gram
+
+    @classmethod
+    def empty_like(cls, chunk: _Block, n: int) -> _Block:
+        """An uninitialised block of the same kind as ``chunk`` for ``n`` points, to
+        :meth:`write` chunks into."""
+
+        def empty(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.new_empty(n, *t.shape[1:])
+
+        tokens = empty(chunk.tokens)
+        return cls(g=empty(chunk.g), a=empty(chunk.a), tokens=tokens, vocab=chunk.vocab)
+
+    def write(self, start: int, chunk: _Block) -> None:
+        """Copy the factors of ``chunk``, computed on points ``start, start + 1, ...``, in."""
+        for field in ("g", "a", "tokens"):
+            part = getattr(chunk, field)
+            if part is not None:
+                getattr(self, field)[start : start + len(part)] = part
 
     def materialized(self) -> _Block:
         """The same block as a generic one: per-example Jacobians (N, 1, C, P_b)."""
@@ -330,21 +436,29 @@ class _Block:
         or ``diagonal`` (N1, N2, C) layout (``flatten`` is made from ``full`` by the caller)."""
         paired = self.g.shape[2] if mode == "full" else 1
         if self._materialize_cheaper(other, paired):
-            return self.materialized().kernel(other.materialized(), mode)
+            mine = self.materialized()
+            return mine.kernel(mine if other is self else other.materialized(), mode)
         n1, t1, c, o = self.g.shape
         n2, t2 = other.g.shape[:2]
-        k_in = self._input_gram(other).reshape(n1, t1, n2, t2)
+        symmetric = other is self
         if mode == "trace":
-            k_out = self.g.reshape(n1 * t1, c * o) @ other.g.reshape(n2 * t2, c * o).T
-            return (k_in * k_out.reshape(n1, t1, n2, t2)).sum(dim=(1, 3))
+            k = _gram(self.g.reshape(n1 * t1, c * o), other.g.reshape(n2 * t2, c * o), symmetric)
+            if self.a is not None or self.tokens is not None:
+                k.mul_(self._input_gram(other))
+            return k if t1 == t2 == 1 else k.reshape(n1, t1, n2, t2).sum(dim=(1, 3))
+        k_in = self._input_gram(other).reshape(n1, t1, n2, t2)
         if mode == "diagonal":
             g1 = self.g.reshape(n1 * t1, c, o).transpose(0, 1)
             g2 = other.g.reshape(n2 * t2, c, o).transpose(0, 1)
             k_out = torch.bmm(g1, g2.transpose(1, 2)).reshape(c, n1, t1, n2, t2)
             return torch.einsum("ntms,cntms->nmc", k_in, k_out)
-        k_out = self.g.reshape(n1 * t1 * c, o) @ other.g.reshape(n2 * t2 * c, o).T
+        k_out = _gram(self.g.reshape(n1 * t1 * c, o), other.g.reshape(n2 * t2 * c, o), symmetric)
         k_out = k_out.reshape(n1, t1, c, n2, t2, c)
         return torch.einsum("ntms,ntimsj->nmij", k_in, k_out)
+
+    def output_slice(self, lo: int, hi: int) -> _Block:
+        """The block restricted to outputs ``lo:hi`` (views, no copy)."""
+        return _Block(g=self.g[:, :, lo:hi], a=self.a, tokens=self.tokens, vocab=self.vocab)
 
     def vjp(self, v: Tensor, per_output: bool) -> Tensor:
         """``sum_n v[n, c] J[n, c]``: shape (P_b,), or (C, P_b) kept per output."""
@@ -390,18 +504,46 @@ class Jacobian:
         return sum(b.size for b in self.blocks)
 
     def kernel(self, other: Jacobian, mode: str) -> Tensor:
-        """``J J'^T`` in the layout of ``mode`` (see the module docstring)."""
+        """``J J'^T`` in the layout of ``mode`` (see the module docstring). With ``other`` this
+        same Jacobian, only half of each symmetric Gram product is computed."""
         reduced = "full" if mode == "flatten" else mode
-        k = sum(b1.kernel(b2, reduced) for b1, b2 in zip(self.blocks, other.blocks, strict=True))
+        k = None
+        for b1, b2 in zip(self.blocks, other.blocks, strict=True):
+            part = b1.kernel(b2, reduced)
+            k = part if k is None else k.add_(part)
         if mode != "flatten":
             return k
         n1, n2, c, _ = k.shape
         return k.permute(2, 0, 3, 1).reshape(c * n1, c * n2)
 
+    def kernel_matvec(self, v: Tensor, mode: str) -> Tensor:
+        """``K v = J (J^T v)`` without forming K, for ``v`` in data space: (N,) for ``trace``,
+        (C*N,) class-major for ``flatten``. Beyond the factors it holds about P numbers: in
+        ``trace`` mode, where ``J^T v`` has C P entries, outputs are taken in groups of at
+        most P entries."""
+        n, c = self.num_points, self.num_outputs
+        if mode == "flatten":
+            vc = v.reshape(c, n).T
+            return self.jvp(self.vjp(vc, per_output=False), per_output=False).T.reshape(-1)
+        out = v.new_zeros(n)
+        for block in self.blocks:
+            step = max(1, self.num_parameters // block.size)
+            for lo in range(0, c, step):
+                part = block.output_slice(lo, lo + step)
+                vc = v[:, None].expand(n, part.g.shape[2])
+                out += part.jvp(part.vjp(vc, per_output=True), per_output=True).sum(dim=1)
+        return out
+
     def materialized(self) -> Tensor:
-        """All per-example Jacobians, (N, C, P)."""
-        parts = [b.materialized().g[:, 0] for b in self.blocks]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        """All per-example Jacobians, (N, C, P), written block by block into one array."""
+        if len(self.blocks) == 1:
+            return self.blocks[0].materialized().g[:, 0]
+        full = self.blocks[0].g.new_empty(self.num_points, self.num_outputs, self.num_parameters)
+        start = 0
+        for block in self.blocks:
+            full[:, :, start : start + block.size] = block.materialized().g[:, 0]
+            start += block.size
+        return full
 
     def vjp(self, v: Tensor, per_output: bool) -> list[Tensor]:
         """``J^T v`` for ``v`` of shape (N, C), block by block."""
@@ -410,6 +552,25 @@ class Jacobian:
     def jvp(self, u: list[Tensor], per_output: bool) -> Tensor:
         """``J u`` for ``u`` as returned by :meth:`vjp`: shape (N, C)."""
         return sum(b.jvp(ub, per_output) for b, ub in zip(self.blocks, u, strict=True))
+
+
+# Rows per block of a symmetric Gram product: large enough for efficient matrix products.
+_GRAM_ROWS = 256
+
+
+def _gram(x: Tensor, y: Tensor, symmetric: bool) -> Tensor:
+    """``x @ y.T``. With ``symmetric`` (``y`` holds the same rows as ``x``) and rows long
+    enough that multiplying costs more than mirroring, only the blocks on and above the
+    diagonal are multiplied and the rest mirrored: ~half the flops."""
+    n, width = x.shape
+    if not symmetric or n < 2 * _GRAM_ROWS or width < _GRAM_ROWS:
+        return x @ y.T
+    out = x.new_empty(n, n)
+    for lo in range(0, n, _GRAM_ROWS):
+        hi = lo + _GRAM_ROWS
+        out[lo:hi, lo:] = x[lo:hi] @ x[lo:].T
+        out[hi:, lo:hi] = out[lo:hi, hi:].T
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -472,15 +633,44 @@ def _layer_inputs(module: nn.Module, x: Tensor, with_bias: bool, with_weight: bo
     return torch.cat(parts, dim=-1)
 
 
-def _output_gradient_layout(module: nn.Module, per_output: list[Tensor]) -> Tensor:
-    """Stack the gradients of each output with respect to a layer's output, C tensors of shape
-    (N, ...), into the factor layout (N, T, C, O), contiguous for the Gram products."""
-    n = per_output[0].shape[0]
+# Outputs whose backward passes run together (vmapped): large enough for efficient matrix
+# products, small enough that the batched intermediates stay near the size of the factors.
+_OUTPUTS_PER_BACKWARD = 32
+
+
+def _output_gradients(out: Tensor, zs: list[Tensor]) -> list[Tensor]:
+    """Gradients of each output column of ``out`` (N, C) with respect to each of ``zs``:
+    one tensor (C, *z.shape) per z. Backward passes are batched over outputs (``vmap``); a
+    model whose backward cannot be batched takes one pass per output."""
+    if not zs:
+        return []
+    n, c = out.shape
+    eye = torch.eye(c, dtype=out.dtype, device=out.device)
+    parts = []
+    for lo in range(0, c, _OUTPUTS_PER_BACKWARD):
+        seeds = eye[lo : lo + _OUTPUTS_PER_BACKWARD, None, :].expand(-1, n, c)
+        try:
+            grads = torch.autograd.grad(
+                out, zs, grad_outputs=seeds, retain_graph=True, is_grads_batched=True
+            )
+        except RuntimeError:  # an operation without a batching rule for its backward
+            per_output = [torch.autograd.grad(out, zs, seed, retain_graph=True) for seed in seeds]
+            grads = [torch.stack(gs) for gs in zip(*per_output, strict=True)]
+        parts.append(grads)
+    if len(parts) == 1:
+        return list(parts[0])
+    return [torch.cat(gs) for gs in zip(*parts, strict=True)]
+
+
+def _output_gradient_layout(module: nn.Module, per_output: Tensor) -> Tensor:
+    """Gradients of each output with respect to a layer's output, (C, N, ...), in the factor
+    layout (N, T, C, O), contiguous for the Gram products."""
+    c, n = per_output.shape[:2]
     if isinstance(module, nn.Conv1d | nn.Conv2d):
-        per_output = [z.reshape(n, z.shape[1], -1).transpose(1, 2) for z in per_output]
+        per_output = per_output.reshape(c, n, per_output.shape[2], -1).transpose(2, 3)
     else:
-        per_output = [z.reshape(n, -1, z.shape[-1]) for z in per_output]
-    return torch.stack(per_output, dim=2)
+        per_output = per_output.reshape(c, n, -1, per_output.shape[-1])
+    return per_output.permute(1, 2, 0, 3).contiguous()
 
 
 @dataclass
@@ -494,6 +684,8 @@ class _NTKContext:
     output_weights: Tensor | None
     method: NTKMethod
     batch_size: int
+    output_projections: int | Tensor | None = None
+    projection_seed: int = 0
 
     def __post_init__(self) -> None:
         self.params = {
@@ -507,14 +699,38 @@ class _NTKContext:
         self.layers = (
             {} if self.method == NTKMethod.JACOBIAN else _structured_layers(self.model, self.names)
         )
+        self.projection: Tensor | None = None  # (C, s), drawn once for all points
+
+    def _resolve_projection(self, x: Tensor) -> None:
+        """Fix the projections ``(C, s)`` before the first Jacobian, so that every point (of
+        ``x1`` and ``x2``, of every chunk) is projected on the same ``v_r``; C comes from one
+        forward pass of one point."""
+        if self.output_projections is None or self.projection is not None:
+            return
+        with torch.no_grad():
+            raw = functional_call(self.model, (self.params, self.buffers), (x[:1],))
+            c = self.outputs(raw, 1, project=False).shape[1]
+        if isinstance(self.output_projections, Tensor):
+            projection = self.output_projections.to(device=x.device, dtype=self.dtype)
+            if projection.shape[0] != c:
+                raise ValueError(
+                    f"`output_projections` has {projection.shape[0]} rows but the model has "
+                    f"C = {c} outputs; pass a (C, s) tensor."
+                )
+        else:
+            s = self.output_projections
+            generator = torch.Generator().manual_seed(self.projection_seed)
+            signs = torch.randint(0, 2, (c, s), generator=generator).to(self.dtype) * 2 - 1
+            projection = (signs / math.sqrt(s)).to(x.device)
+        self.projection = projection
 
     @property
     def generic_names(self) -> list[str]:
         covered = {n for names in self.layers.values() for n in names}
         return [n for n in self.names if n not in covered]
 
-    def outputs(self, raw: object, expected_rows: int) -> Tensor:
-        """The model's output as (N, C), weighted."""
+    def outputs(self, raw: object, expected_rows: int, project: bool = True) -> Tensor:
+        """The model's output as (N, C), weighted, and projected to (N, s) with projections."""
         out = raw if self.output_fn is None else self.output_fn(raw)
         if not isinstance(out, Tensor) or out.ndim != 2 or out.shape[0] != expected_rows:
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
@@ -530,24 +746,33 @@ class _NTKContext:
                     f"has C = {out.shape[1]} outputs."
                 )
             out = out * self.output_weights
+        if project and self.projection is not None:
+            out = out @ self.projection
         return out
 
     def jacobian(self, x: Tensor) -> Jacobian:
-        """Factors of the Jacobian on all points ``x`` (N, ...), in chunks of ``batch_size``."""
+        """Factors of the Jacobian on all points ``x`` (N, ...), in chunks of ``batch_size``,
+        each chunk written into blocks allocated once for all N points."""
+        self._resolve_projection(x)
+        n = len(x)
         while True:
-            chunks = [
-                self._chunk_blocks(x[i : i + self.batch_size])
-                for i in range(0, len(x), self.batch_size)
-            ]
-            failed = set().union(*(bad for _, bad in chunks))
+            blocks, failed = [], set()
+            for start in range(0, n, self.batch_size):
+                part, failed = self._chunk_blocks(x[start : start + self.batch_size])
+                if failed:
+                    break
+                if n <= self.batch_size:
+                    blocks = part
+                    break
+                if not blocks:
+                    blocks = [_Block.empty_like(b, n) for b in part]
+                for block, b in zip(blocks, part, strict=True):
+                    block.write(start, b)
             if not failed:
                 break
             # A weight also used outside its module's forward: count it on the generic path.
-            self.layers = {m: n for m, n in self.layers.items() if m not in failed}
-        per_chunk = [blocks for blocks, _ in chunks]
-        blocks = [_concatenate(parts) for parts in zip(*per_chunk, strict=True)]
-        c = blocks[0].g.shape[2]
-        return Jacobian(blocks=blocks, num_outputs=c)
+            self.layers = {m: names for m, names in self.layers.items() if m not in failed}
+        return Jacobian(blocks=blocks, num_outputs=blocks[0].g.shape[2])
 
     def _chunk_blocks(self, x: Tensor) -> tuple[list[_Block], set[str]]:
         blocks, failed = self._structured_blocks(x) if self.layers else ([], set())
@@ -599,17 +824,8 @@ class _NTKContext:
         finally:
             for h in handles:
                 h.remove()
-        c = out.shape[1]
         zs = [z for m in self.layers for _, z in uses[m]]
-        eye = torch.eye(c, dtype=out.dtype, device=out.device)
-        grads = (
-            [
-                torch.autograd.grad(out, zs, grad_outputs=eye[i].expand_as(out), retain_graph=True)
-                for i in range(c)
-            ]
-            if zs
-            else []
-        )
+        grads = _output_gradients(out, zs)
         probe = torch.randn(
             out.shape,
             generator=torch.Generator(device=out.device).manual_seed(0),
@@ -630,7 +846,7 @@ class _NTKContext:
             layer_uses = uses[mname]
             gs = []
             for _ in layer_uses:
-                gs.append(_output_gradient_layout(module, [gr[i] for gr in grads]))
+                gs.append(_output_gradient_layout(module, grads[i]))
                 i += 1
             if not layer_uses:
                 failed.add(mname)
@@ -665,16 +881,6 @@ class _NTKContext:
             torch.linalg.vector_norm(rebuilt - expected)
             <= tol * (torch.linalg.vector_norm(expected) + tol)
         )
-
-
-def _concatenate(parts: tuple[_Block, ...]) -> _Block:
-    """One block from the same block computed on consecutive chunks of points."""
-
-    def cat(field: str) -> Tensor | None:
-        values = [getattr(p, field) for p in parts]
-        return values[0] if values[0] is None or len(values) == 1 else torch.cat(values)
-
-    return _Block(g=cat("g"), a=cat("a"), tokens=cat("tokens"), vocab=parts[0].vocab)
 
 
 def _as_factor_layout(

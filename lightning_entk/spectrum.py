@@ -4,21 +4,22 @@ The kernel of ``mode="trace"`` (N x N) or ``mode="flatten"`` (C*N x C*N) is ``K 
 ``J`` the Jacobian arranged by rows: R = N rows of C*P entries (trace) or R = C*N rows of P
 entries (flatten). Three routes give the same top eigenpairs:
 
-    ``kernel``       form K (R x R) through the structured engine, ``eigh``.
-                     Time ~ R^2 P + R^3, memory R^2.
+    ``kernel``       form K (R x R) through the structured engine, ``eigh`` in float64.
+                     Time ~ R^2 P + R^3, memory ~ 16 R^2 bytes (float32 model).
     ``parameter``    form ``J^T J`` (P x P, P the columns of J) and map its eigenvectors ``v``
                      to data space, ``u = J v / sqrt(lambda)``. Pays off when P < R: Toy Models
                      of Superposition have R = 25000 rows but P = 2050. Rows of J that are
                      exactly zero (outputs behind an inactive ReLU) are dropped first.
                      Time ~ R P^2 + P^3, memory P^2 + R P.
     ``matrix_free``  Lanczos (ARPACK ``eigsh``) on ``v -> J (J^T v)`` with J held as structured
-                     factors: K is never formed. For k << R eigenpairs. Time ~ iterations x R P,
-                     memory R k + the factors.
+                     factors: K is never formed, nor any R x R or R x P array. For k << R
+                     eigenpairs. Time ~ iterations x R P, memory R k + P + the factors.
 
-``ntk_spectrum`` estimates the cost of each from these formulas and takes the cheapest that fits
-``memory_budget``; ``route=`` overrides. Eigenvalues are float64, descending; eigenvectors are
-unit-norm float64 columns in data space (class-major rows for ``flatten``), each with its
-largest-magnitude entry positive.
+``ntk_spectrum`` estimates the cost of each from these formulas and takes the cheapest whose
+arrays fit ``memory_budget`` (:func:`choose_route`); ``route=`` overrides. The structured
+factors themselves (``N C sum_l d``, see :mod:`lightning_entk.kernel`) are common to all routes
+and not counted. Eigenvalues are float64, descending; eigenvectors are unit-norm float64 columns
+in data space (class-major rows for ``flatten``), each with its largest-magnitude entry positive.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from lightning_entk.kernel import (
     OutputFn,
     ParamSelection,
     _check_choice,
+    check_projection_mode,
     ntk_context,
 )
 
@@ -87,8 +89,7 @@ class Spectrum:
         k = _check_k(k, rows)
         if not torch.isfinite(kernel).all():
             raise ValueError("`kernel` has NaN or inf entries; its spectrum is undefined.")
-        sym = kernel.to(torch.float64)
-        values, vectors = _top_eigh((sym + sym.T) / 2, k, eigenvectors)
+        values, vectors = _top_eigh(_symmetrized_float64(kernel), k, eigenvectors)
         return cls(values, vectors)
 
     @property
@@ -118,6 +119,8 @@ def ntk_spectrum(
     eigenvectors: bool = True,
     batch_size: int = 256,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    output_projections: int | Tensor | None = None,
+    projection_seed: int = 0,
 ) -> Spectrum:
     """Top-``k`` eigenpairs of the empirical NTK of ``model`` on points ``x``.
 
@@ -129,13 +132,21 @@ def ntk_spectrum(
         route: ``"auto"`` (cheapest by the cost model in the module docstring), ``"kernel"``,
             ``"parameter"`` or ``"matrix_free"``.
         eigenvectors: whether to return eigenvectors.
-        memory_budget: bytes that the route's largest arrays may take.
+        memory_budget: bytes that the route's own arrays may take (the structured factors,
+            common to every route, are not counted). When the R x R kernel does not fit,
+            ``"auto"`` takes the parameter side or the matrix-free route, whose memory is
+            ``O(R k + P)``; for many points ask for ``k`` well below R.
+        output_projections, projection_seed: with ``mode="trace"``, the spectrum of the
+            random-projection estimate of the kernel (see
+            :func:`~lightning_entk.empirical_ntk`): ``s`` backward passes instead of C, for
+            models with many outputs.
 
     Returns:
         A :class:`Spectrum`.
 
     Raises:
         ValueError: for a mode without a square kernel, ``k`` out of range, an unknown route,
+            no route within ``memory_budget``, ``output_projections`` with ``mode="flatten"``,
             and every input error of :func:`~lightning_entk.empirical_ntk`.
 
     Example:
@@ -148,9 +159,21 @@ def ntk_spectrum(
     """
     _check_choice("mode", mode, SPECTRUM_MODES)
     _check_choice("route", route, ROUTES)
+    check_projection_mode(output_projections, mode)
     if not isinstance(memory_budget, int) or memory_budget <= 0:
         raise ValueError(f"`memory_budget` must be a positive int of bytes, got {memory_budget!r}.")
-    with ntk_context(model, x, None, params, output_fn, output_weights, method, batch_size) as ctx:
+    with ntk_context(
+        model,
+        x,
+        None,
+        params,
+        output_fn,
+        output_weights,
+        method,
+        batch_size,
+        output_projections=output_projections,
+        projection_seed=projection_seed,
+    ) as ctx:
         jac = ctx.jacobian(ctx.x1)
     rows = jac.num_points * (jac.num_outputs if mode == "flatten" else 1)
     columns = jac.num_parameters * (jac.num_outputs if mode == "trace" else 1)
@@ -158,7 +181,10 @@ def ntk_spectrum(
     if route == "matrix_free" and k >= rows:
         raise ValueError(f"route='matrix_free' needs `k` < {rows} (the kernel's rows), got {k}.")
     if route == "auto":
-        route = choose_route(rows, columns, k, jac.blocks[0].g.element_size(), memory_budget)
+        itemsize = jac.blocks[0].g.element_size()
+        route = choose_route(
+            rows, columns, k, itemsize, memory_budget, parameters=jac.num_parameters
+        )
     solve = {
         "kernel": _kernel_route,
         "parameter": _parameter_route,
@@ -167,18 +193,44 @@ def ntk_spectrum(
     return solve[route](jac, mode, k, eigenvectors)
 
 
-def choose_route(rows: int, columns: int, k: int, itemsize: int, memory_budget: int) -> str:
-    """The cheapest route whose largest arrays fit ``memory_budget``, by the flop estimates of
-    the module docstring."""
+def choose_route(
+    rows: int,
+    columns: int,
+    k: int,
+    itemsize: int,
+    memory_budget: int,
+    parameters: int | None = None,
+) -> str:
+    """The cheapest route whose arrays fit ``memory_budget``, by the flop estimates of the
+    module docstring.
+
+    Args:
+        rows, columns: of J arranged as in the module docstring (R, and P or C*P).
+        k: eigenpairs wanted.
+        itemsize: bytes per entry of the kernel's compute dtype.
+        memory_budget: bytes.
+        parameters: P, the parameters (``columns`` when ``None``); the matrix-free route holds
+            about P numbers per product.
+    """
+    parameters = columns if parameters is None else parameters
+    vectors = 8 * rows * k  # the float64 eigenvectors every route returns
     costs = {
-        "kernel": (rows**2 * columns + 4 * rows**3, 8 * rows**2),
+        # The kernel summed block by block (running sum, a block's Gram and its input Gram,
+        # the flatten reordering), then one float64 copy that eigh works in.
+        "kernel": (rows**2 * columns + 4 * rows**3, max(4 * itemsize, itemsize + 8) * rows**2),
+        # J (R x columns), J^T J in the compute dtype and in float64.
         "parameter": (
             rows * columns**2 + 4 * columns**3,
-            8 * columns**2 + itemsize * rows * columns,
+            itemsize * rows * columns + (2 * itemsize + 8) * columns**2,
         ),
-        # Lanczos: ~10 (2k + 20) products, each a memory-bound pass over J (x20 a GEMM flop).
-        "matrix_free": (20 * 10 * (2 * k + 20) * 2 * rows * columns, 8 * rows * (2 * k + 21)),
+        # Lanczos: ~10 (2k + 20) products, each a memory-bound pass over J (x20 a GEMM flop);
+        # ARPACK keeps 2k + 1 (at least 20) float64 vectors of R entries.
+        "matrix_free": (
+            20 * 10 * (2 * k + 20) * 2 * rows * columns,
+            8 * rows * (2 * k + 21) + 2 * itemsize * parameters,
+        ),
     }
+    costs = {route: (flops, memory + vectors) for route, (flops, memory) in costs.items()}
     if k > rows // 2:
         del costs["matrix_free"]  # Lanczos needs k well below R
     fitting = {r: flops for r, (flops, memory) in costs.items() if memory <= memory_budget}
@@ -200,17 +252,44 @@ def _check_k(k: int | None, rows: int, limit: int | None = None) -> int:
     return k
 
 
+# Rows per block of the in-place symmetrisation and of the row-chunked products.
+_BLOCK_ROWS = 1024
+
+
+def _symmetrized_float64(matrix: Tensor) -> Tensor:
+    """``(M + M^T) / 2`` in float64, made in one new array (blocks of it at a time) rather than
+    the three that the expression would allocate. ``matrix`` is left untouched."""
+    sym = matrix.to(torch.float64, copy=True)
+    rows = sym.shape[0]
+    for lo in range(0, rows, _BLOCK_ROWS):
+        hi = lo + _BLOCK_ROWS
+        for left in range(0, lo, _BLOCK_ROWS):
+            right = left + _BLOCK_ROWS
+            mean = (sym[lo:hi, left:right] + sym[left:right, lo:hi].T) / 2
+            sym[lo:hi, left:right] = mean
+            sym[left:right, lo:hi] = mean.T
+        diagonal = sym[lo:hi, lo:hi]
+        diagonal.copy_((diagonal + diagonal.T) / 2)
+    return sym
+
+
 def _top_eigh(sym: Tensor, k: int, eigenvectors: bool) -> tuple[Tensor, Tensor | None]:
-    """The k largest eigenpairs of a symmetric float64 matrix, descending. On the CPU only the
-    wanted ones are computed (LAPACK ``syevr`` on an index subset): ~3x faster for k << R."""
+    """The k largest eigenpairs of a symmetric float64 matrix, descending; ``sym`` is
+    overwritten. On the CPU, LAPACK works in ``sym`` itself (no copy) and computes only the
+    wanted eigenpairs (``syevr`` on an index subset): ~3x faster for k << R."""
     rows = sym.shape[0]
     if k < rows and sym.device.type == "cpu":
-        subset = [rows - k, rows - 1]
+        # The transpose is the same symmetric matrix, in the column-major order LAPACK needs.
+        lapack = {
+            "overwrite_a": True,
+            "check_finite": False,
+            "subset_by_index": [rows - k, rows - 1],
+        }
         if eigenvectors:
-            values, vectors = scipy.linalg.eigh(sym.numpy(), subset_by_index=subset, driver="evr")
+            values, vectors = scipy.linalg.eigh(sym.numpy().T, driver="evr", **lapack)
             vectors = torch.from_numpy(vectors[:, ::-1].copy())
         else:
-            values = scipy.linalg.eigh(sym.numpy(), subset_by_index=subset, eigvals_only=True)
+            values = scipy.linalg.eigh(sym.numpy().T, eigvals_only=True, **lapack)
             vectors = None
         values = torch.from_numpy(values[::-1].copy())
     elif eigenvectors:
@@ -229,7 +308,10 @@ def _fix_signs(vectors: Tensor) -> Tensor:
 
 
 def _kernel_route(jac: Jacobian, mode: str, k: int, eigenvectors: bool) -> Spectrum:
-    return Spectrum.from_kernel(jac.kernel(jac, mode), k, eigenvectors)
+    # The kernel in its compute dtype is dropped as soon as its float64 copy exists.
+    sym = _symmetrized_float64(jac.kernel(jac, mode))
+    values, vectors = _top_eigh(sym, k, eigenvectors)
+    return Spectrum(values, vectors, route="kernel")
 
 
 def _parameter_route(jac: Jacobian, mode: str, k: int, eigenvectors: bool) -> Spectrum:
@@ -237,14 +319,23 @@ def _parameter_route(jac: Jacobian, mode: str, k: int, eigenvectors: bool) -> Sp
     n, c, _ = full.shape
     # Rows of J in point-major order (J^T J does not depend on the order); trace: (N, C*P).
     rows = full.reshape(n, -1) if mode == "trace" else full.reshape(n * c, -1)
-    nonzero = (rows != 0).any(dim=1)
-    live = rows[nonzero]
-    gram = (live.T @ live).to(torch.float64)  # formed in the kernel's own dtype, like K
-    values, vectors = _top_eigh((gram + gram.T) / 2, k, eigenvectors=True)
+    # J^T J over chunks of rows, skipping rows that are exactly zero (outputs behind an
+    # inactive ReLU): formed in the kernel's own dtype, like K, with copies of one chunk only.
+    width = rows.shape[1]
+    step = max(width, _BLOCK_ROWS)
+    gram = rows.new_zeros(width, width)
+    for lo in range(0, rows.shape[0], step):
+        chunk = rows[lo : lo + step]
+        live = chunk[(chunk != 0).any(dim=1)]
+        gram.addmm_(live.T, live)
+    sym = _symmetrized_float64(gram)
+    del gram
+    values, vectors = _top_eigh(sym, k, eigenvectors=True)
     if not eigenvectors:
         return Spectrum(values, route="parameter")
-    data = vectors.new_zeros(rows.shape[0], k)
-    data[nonzero] = live.to(torch.float64) @ vectors
+    data = vectors.new_empty(rows.shape[0], k)
+    for lo in range(0, rows.shape[0], step):
+        data[lo : lo + step] = rows[lo : lo + step].to(torch.float64) @ vectors
     if mode == "flatten":  # point-major (n, c) rows to the class-major layout (c, n)
         data = data.reshape(n, c, k).transpose(0, 1).reshape(c * n, k)
     data = data / torch.linalg.vector_norm(data, dim=0).clamp(min=torch.finfo(data.dtype).tiny)
@@ -252,18 +343,13 @@ def _parameter_route(jac: Jacobian, mode: str, k: int, eigenvectors: bool) -> Sp
 
 
 def _matrix_free_route(jac: Jacobian, mode: str, k: int, eigenvectors: bool) -> Spectrum:
-    n, c = jac.num_points, jac.num_outputs
-    per_output = mode == "trace"
-    rows = n if per_output else n * c
+    rows = jac.num_points * (jac.num_outputs if mode == "flatten" else 1)
     dtype = jac.blocks[0].g.dtype
     device = jac.blocks[0].g.device
 
     def matvec(v: np.ndarray) -> np.ndarray:
         v = torch.as_tensor(np.ascontiguousarray(v).reshape(-1), dtype=dtype, device=device)
-        vc = v[:, None].expand(n, c) if per_output else v.reshape(c, n).T
-        out = jac.jvp(jac.vjp(vc, per_output), per_output)  # (N, C)
-        out = out.sum(dim=1) if per_output else out.T.reshape(-1)
-        return out.to(torch.float64).cpu().numpy()
+        return jac.kernel_matvec(v, mode).to(torch.float64).cpu().numpy()
 
     operator = LinearOperator((rows, rows), matvec=matvec, dtype=np.float64)
     tol = 0.0 if dtype == torch.float64 else 1e-6

@@ -1,8 +1,12 @@
+import tracemalloc
+
 import numpy as np
 import pytest
 import torch
 from reference import brute_force_ntk
 from test_kernel import MLP, TiedTransposed, TokenModel, float_points, tokens
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
 from lightning_entk import Spectrum, ntk_spectrum
 from lightning_entk.spectrum import choose_route
@@ -84,6 +88,48 @@ def test_ntk_spectrum_auto_route_prefers_parameter_side_when_p_is_small():
     assert ntk_spectrum(model, x, mode="trace").route == "kernel"
 
 
+def test_ntk_spectrum_auto_route_is_matrix_free_when_the_kernel_exceeds_the_budget():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 64), nn.Tanh(), nn.Linear(64, 64), nn.Linear(64, 3))
+    model = model.double()
+    x = float_points(400, 5)
+    # 1 MiB: the 400 x 400 float64 kernel (1.2 MiB, ~5 MiB with its working copies) does not
+    # fit, nor J (400 x 3 P, P = 4675); Lanczos needs ~0.2 MiB.
+    spectrum = ntk_spectrum(model, x, k=6, memory_budget=2**20)
+    assert spectrum.route == "matrix_free"
+    assert ntk_spectrum(model, x, k=6).route == "kernel"  # the default budget fits the kernel
+    assert_same_eigenpairs(spectrum, ntk_spectrum(model, x, k=6, route="kernel"), 6)
+    assert_same_eigenpairs(spectrum, Spectrum.from_kernel(brute_force_ntk(model, x)), 6)
+
+
+@pytest.mark.parametrize("mode", ["trace", "flatten"])
+def test_ntk_spectrum_matrix_free_route_never_allocates_kernel_or_jacobian(mode):
+    # R = 2000 (trace) or 6000 (flatten) rows, P = 419 parameters: the R x R kernel would be
+    # 32 MB or more in one array, the Jacobian (N C P entries) 20 MB; the largest factor
+    # (2000 points x 3 outputs x 16) is 0.77 MB. Every array that torch or numpy allocates
+    # during the call, factors included, must stay under a quarter of the smaller (5 MB).
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3)
+    )
+    model = model.double()
+    x = float_points(2000, 5)
+    rows = 2000 * (3 if mode == "flatten" else 1)
+    jacobian_bytes = 8 * rows * 419 * (3 if mode == "trace" else 1)
+    limit = min(jacobian_bytes, 8 * rows**2) // 4
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        tracemalloc.start()  # numpy's arrays (ARPACK's Lanczos vectors) are traced here
+        try:
+            spectrum = ntk_spectrum(model, x, mode=mode, k=4, route="matrix_free")
+            _, numpy_peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    largest = max(event.self_cpu_memory_usage for event in prof.events())
+    assert 0 < largest < limit, f"an array of {largest} bytes (limit {limit})"
+    assert numpy_peak < limit, f"numpy peak {numpy_peak} bytes (limit {limit})"
+    assert spectrum.eigenvectors.shape == (rows, 4)
+
+
 def test_choose_route_follows_cost_and_memory():
     gib = 2**30
     # Toy Models of Superposition: 25000 rows, 2050 parameters. Never the 25000^2 kernel.
@@ -94,6 +140,12 @@ def test_choose_route_follows_cost_and_memory():
     assert choose_route(200_000, 10_000_000, 16, 4, 4 * gib) == "matrix_free"
     with pytest.raises(ValueError, match="memory_budget"):
         choose_route(200_000, 10_000_000, 16, 4, 2**20)
+    # The kernel route counts its working copies: 4 float32 R x R arrays, or the float32
+    # kernel beside its float64 copy, 16 R^2 bytes in all (+ 8 R k for the eigenvectors).
+    rows, k = 10_000, 64
+    need = 16 * rows**2 + 8 * rows * k
+    assert choose_route(rows, 10**8, k, 4, need) == "kernel"
+    assert choose_route(rows, 10**8, k, 4, need - 1) == "matrix_free"
 
 
 def test_spectrum_effective_rank():
