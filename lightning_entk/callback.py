@@ -25,7 +25,7 @@ from lightning_entk import plots
 from lightning_entk.alignment import feature_alignment
 from lightning_entk.early_warning import EarlyWarning, EvaluationRecord, PhaseTransition
 from lightning_entk.evaluation import Evaluation, evaluate
-from lightning_entk.kernel import OutputFn, ParamSelection, empirical_ntk
+from lightning_entk.kernel import OutputFn, ParamSelection, check_projection_mode, empirical_ntk
 from lightning_entk.probe import (
     DEFAULT_MAX_PROBE_POINTS,
     ProbeSet,
@@ -69,6 +69,9 @@ class ENTKMonitor(Callback):
         mode: ``"trace"`` (N x N, the *sum* over outputs) or ``"flatten"`` (C*N x C*N).
         max_probe_points: cap on the points drawn when ``probe`` is ``None``.
         params, output_fn, output_weights: as in :func:`~lightning_entk.empirical_ntk`.
+        output_projections: for many outputs (trace mode): estimate the kernel from this many
+            random projections of the outputs instead of one backward pass per output (see
+            :func:`~lightning_entk.empirical_ntk`; the same projections at every evaluation).
         accuracy_key: the network's own metric shown beside the spectrum and used by the early
             warning (looked up in ``trainer.callback_metrics``).
         early_warning: the detector, or ``None`` for none.
@@ -99,6 +102,7 @@ class ENTKMonitor(Callback):
         params: ParamSelection = None,
         output_fn: OutputFn = None,
         output_weights: Tensor | None = None,
+        output_projections: int | None = None,
         accuracy_key: str | None = "val_acc",
         early_warning: EarlyWarning | None = None,
         on_transition: Callable[[PhaseTransition], None] | None = None,
@@ -126,6 +130,13 @@ class ENTKMonitor(Callback):
         ):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+        check_projection_mode(output_projections, mode)
+        if output_projections is not None and (
+            not isinstance(output_projections, int) or output_projections < 1
+        ):
+            raise ValueError(
+                f"`output_projections` must be a positive int or None, got {output_projections!r}."
+            )
         if on_transition is not None and not callable(on_transition):
             raise ValueError(
                 f"`on_transition` must be callable, got {type(on_transition).__name__}."
@@ -138,6 +149,7 @@ class ENTKMonitor(Callback):
         self.params = params
         self.output_fn = output_fn
         self.output_weights = output_weights
+        self.output_projections = output_projections
         self.accuracy_key = accuracy_key
         self.early_warning = EarlyWarning(accuracy_key) if early_warning is None else early_warning
         self.on_transition = on_transition
@@ -296,6 +308,7 @@ class ENTKMonitor(Callback):
                     params=self.params,
                     output_fn=self.output_fn,
                     output_weights=self.output_weights,
+                    output_projections=self.output_projections,
                 ).to(torch.float64)
         except Exception as err:
             rank_zero_warn(f"ENTKMonitor: kernel rows failed on rank {rank}: {err!r}")
@@ -321,6 +334,7 @@ class ENTKMonitor(Callback):
                     params=self.params,
                     output_fn=self.output_fn,
                     output_weights=self.output_weights,
+                    output_projections=self.output_projections,
                     previous_kernel=self._previous_kernel,
                     features=self._features,
                     cliff_options=self.cliff_options,

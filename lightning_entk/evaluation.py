@@ -68,6 +68,7 @@ def evaluate(
     params: ParamSelection = None,
     output_fn: OutputFn = None,
     output_weights: Tensor | None = None,
+    output_projections: int | None = None,
     previous_kernel: Tensor | None = None,
     features: Mapping[str, Tensor] | None = None,
     cliff_options: Mapping[str, object] | None = None,
@@ -91,6 +92,7 @@ def evaluate(
             params=params,
             output_fn=output_fn,
             output_weights=output_weights,
+            output_projections=output_projections,
         )
     if not torch.isfinite(kernel).all():
         raise FloatingPointError("the eNTK has NaN or inf entries (diverging weights?)")

@@ -333,9 +333,11 @@ def _parameter_route(jac: Jacobian, mode: str, k: int, eigenvectors: bool) -> Sp
     values, vectors = _top_eigh(sym, k, eigenvectors=True)
     if not eigenvectors:
         return Spectrum(values, route="parameter")
+    # u = J v in the Jacobian's dtype (the precision K itself would have), normalised in float64.
     data = vectors.new_empty(rows.shape[0], k)
+    in_rows_dtype = vectors.to(rows.dtype)
     for lo in range(0, rows.shape[0], step):
-        data[lo : lo + step] = rows[lo : lo + step].to(torch.float64) @ vectors
+        data[lo : lo + step] = rows[lo : lo + step] @ in_rows_dtype
     if mode == "flatten":  # point-major (n, c) rows to the class-major layout (c, n)
         data = data.reshape(n, c, k).transpose(0, 1).reshape(c * n, k)
     data = data / torch.linalg.vector_norm(data, dim=0).clamp(min=torch.finfo(data.dtype).tiny)

@@ -287,3 +287,16 @@ def test_row_blocks_of_equal_shares_assemble_the_kernel(mode):
     outputs = 3 if mode == "flatten" else 1
     kernel = assemble_row_blocks(torch.stack(blocks), n=len(x), outputs=outputs)
     torch.testing.assert_close(kernel, empirical_ntk(model, x, mode=mode), rtol=1e-12, atol=0)
+
+
+def test_monitor_with_output_projections_estimates_the_trace_kernel(tmp_path):
+    exact, estimated = ENTKMonitor(), ENTKMonitor(output_projections=2)
+    fit(tmp_path / "exact", callbacks=[exact], max_epochs=1)
+    fit(tmp_path / "estimated", callbacks=[estimated], max_epochs=1)
+    a, b = exact.history[0].metrics, estimated.history[0].metrics
+    assert a["entk/trace"] != b["entk/trace"]  # an estimate of 4 outputs from 2 projections
+    assert b["entk/trace"] == pytest.approx(a["entk/trace"], rel=0.5)  # unbiased: same scale
+    with pytest.raises(ValueError, match="mode='trace'"):
+        ENTKMonitor(mode="flatten", output_projections=2)
+    with pytest.raises(ValueError, match="positive int"):
+        ENTKMonitor(output_projections=0)
