@@ -651,11 +651,25 @@ def _output_gradients(out: Tensor, zs: list[Tensor]) -> list[Tensor]:
         seeds = eye[lo : lo + _OUTPUTS_PER_BACKWARD, None, :].expand(-1, n, c)
         try:
             grads = torch.autograd.grad(
-                out, zs, grad_outputs=seeds, retain_graph=True, is_grads_batched=True
+                out,
+                zs,
+                grad_outputs=seeds,
+                retain_graph=True,
+                is_grads_batched=True,
+                materialize_grads=True,  # zeros for a layer whose output does not reach `out`
             )
         except RuntimeError:  # an operation without a batching rule for its backward
-            per_output = [torch.autograd.grad(out, zs, seed, retain_graph=True) for seed in seeds]
+            per_output = [
+                torch.autograd.grad(out, zs, seed, retain_graph=True, materialize_grads=True)
+                for seed in seeds
+            ]
             grads = [torch.stack(gs) for gs in zip(*per_output, strict=True)]
+        # A materialised zero gradient comes without the batch of outputs: add it.
+        rows = len(seeds)
+        grads = [
+            g if g.dim() > z.dim() else g.expand(rows, *z.shape)
+            for g, z in zip(grads, zs, strict=True)
+        ]
         parts.append(grads)
     if len(parts) == 1:
         return list(parts[0])

@@ -315,3 +315,28 @@ def test_empirical_ntk_invalid_inputs():
         empirical_ntk(model, x, method="fast")
     with pytest.raises(ValueError, match="output_weights"):
         empirical_ntk(model, x, output_weights=torch.ones(4))
+
+
+class DetachedBranch(nn.Module):
+    """A supported layer whose output reaches the outputs only through ``detach``: its
+    parameters have zero Jacobian."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 3), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.b(x) + self.a(x).detach().sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("method", ["structured", "jacobian"])
+def test_layer_that_does_not_reach_the_outputs_contributes_zero(method):
+    torch.manual_seed(0)
+    model = DetachedBranch().double()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    torch.testing.assert_close(
+        empirical_ntk(model, x, mode="full", method=method),
+        brute_force_ntk(model, x, mode="full"),
+        rtol=1e-10,
+        atol=0,
+    )
