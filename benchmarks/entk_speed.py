@@ -10,10 +10,11 @@ between their kernels and the peak memory each added.
 from __future__ import annotations
 
 import torch
-from _harness import measure, relative_error
-from example_modules.modular_arithmetic import ModularArithmeticDataModule, ModularArithmeticMLP
 
+from example_modules.modular_arithmetic import ModularArithmeticDataModule, ModularArithmeticMLP
 from lightning_entk import empirical_ntk
+
+from _harness import measure, relative_error
 
 P, HIDDEN = 29, 512
 

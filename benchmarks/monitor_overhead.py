@@ -14,6 +14,7 @@ from __future__ import annotations
 import tempfile
 
 import torch
+
 from _harness import measure
 
 EPOCHS = 300

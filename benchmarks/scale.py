@@ -25,11 +25,12 @@ import itertools
 import time
 
 import torch
-from _harness import measure, relative_error
 from torch import nn
 
 from lightning_entk import Spectrum, empirical_ntk, ntk_spectrum
 from lightning_entk.kernel import ntk_context
+
+from _harness import measure, relative_error
 
 WIDTH, DEPTH, INPUTS, OUTPUTS, POINTS, K = 2048, 3, 784, 10, 2048, 64
 SUBSET = 8

@@ -15,11 +15,12 @@ import tempfile
 
 import lightning as L
 import torch
-from _harness import measure, relative_error
-from example_modules.toy_superposition import SuperpositionDataModule, ToyModelOfSuperposition
 
+from example_modules.toy_superposition import SuperpositionDataModule, ToyModelOfSuperposition
 from lightning_entk import ntk_spectrum
 from lightning_entk.kernel import ntk_context
+
+from _harness import measure, relative_error
 
 N_FEATURES, N_HIDDEN, SPARSITY, N_POINTS, STEPS, BETA, K = 50, 40, 0.9, 500, 5000, 0.3, 80
 CHECKPOINT = f"{tempfile.gettempdir()}/tms_m{N_HIDDEN}_s{SPARSITY}.pt"

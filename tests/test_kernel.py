@@ -3,10 +3,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import brute_force_ntk
 from torch import nn
 
 from lightning_entk import empirical_ntk
+
+from reference import brute_force_ntk
 
 MODES = ["trace", "full", "diagonal", "flatten"]
 METHODS = ["structured", "jacobian"]

@@ -5,7 +5,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import EarlyStopping
-from reference import brute_force_ntk
 from torch import nn
 
 from example_modules.modular_arithmetic import (
@@ -17,6 +16,8 @@ from example_modules.modular_transformer import ModularTransformer, ModularTrans
 from lightning_entk import empirical_ntk
 from lightning_entk.callback import ENTKMonitor
 from lightning_entk.kernel import ntk_context
+
+from reference import brute_force_ntk
 
 RTOL = 1e-10  # float64 throughout: agreement to round-off, far inside the 1e-6 contract
 TINY = {"p": 5, "d_model": 8, "d_mlp": 16, "n_heads": 2}

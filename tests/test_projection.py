@@ -6,11 +6,12 @@ import math
 
 import pytest
 import torch
-from reference import brute_force_ntk
 from test_kernel import CASES, MLP, assert_relative_close, float_points
 from torch import nn
 
 from lightning_entk import Spectrum, empirical_ntk, ntk_spectrum
+
+from reference import brute_force_ntk
 
 METHODS = ["structured", "jacobian"]
 

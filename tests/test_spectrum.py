@@ -3,13 +3,14 @@ import tracemalloc
 import numpy as np
 import pytest
 import torch
-from reference import brute_force_ntk
 from test_kernel import MLP, TiedTransposed, TokenModel, float_points, tokens
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from lightning_entk import Spectrum, ntk_spectrum
 from lightning_entk.spectrum import choose_route
+
+from reference import brute_force_ntk
 
 ROUTES = ["kernel", "parameter", "matrix_free"]
 
