@@ -198,7 +198,39 @@ class ModularArithmeticDataModule(L.LightningDataModule):
         return self._loader(self.val_set, shuffle=False)
 
 
-class ModularArithmeticMLP(L.LightningModule):
+class ModularClassifier(L.LightningModule):
+    """Training and validation steps shared by the modular-addition examples: a subclass sets
+    ``self.p`` and defines ``forward`` and ``loss(out, y)``; the steps log ``train_loss``,
+    ``train_acc``, ``val_loss`` and ``val_acc`` per epoch (``val_acc`` on the progress bar)."""
+
+    entk_feature_pairs = True
+
+    def __init__(self, p: int) -> None:
+        super().__init__()
+        self.p = p
+        self.train_acc = MulticlassAccuracy(num_classes=p, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes=p, average="micro")
+
+    def loss(self, out: Tensor, y: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _step(self, batch: tuple[Tensor, Tensor], stage: str, accuracy: MulticlassAccuracy):
+        x, y = batch
+        out = self(x)
+        loss = self.loss(out, y)
+        accuracy(out, y)
+        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True)
+        self.log(f"{stage}_acc", accuracy, on_step=False, on_epoch=True, prog_bar=stage == "val")
+        return loss
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "train", self.train_acc)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._step(batch, "val", self.val_acc)
+
+
+class ModularArithmeticMLP(ModularClassifier):
     """``f(x) = (1/n) W2 ((W1 x / sqrt(2p))^2)`` for addition mod ``p``, trained with MSE on
     one-hot targets and AdamW (Gromov 2023, arXiv:2301.02679; Lin 2025, arXiv:2510.00468).
 
@@ -223,44 +255,29 @@ class ModularArithmeticMLP(L.LightningModule):
         torch.Size([3, 5])
     """
 
-    entk_feature_pairs = True
-
     def __init__(
         self, p: int = 29, hidden: int = 512, lr: float = 0.05, weight_decay: float = 0.01
     ) -> None:
-        super().__init__()
         _check_int("p", p, 2)
+        super().__init__(p)
         _check_int("hidden", hidden, 1)
         _check_positive("lr", lr)
         _check_positive("weight_decay", weight_decay, allow_zero=True)
         self.save_hyperparameters()
-        self.p, self.hidden = p, hidden
+        self.hidden = hidden
         self.layer1 = nn.Linear(2 * p, hidden, bias=False)
         self.layer2 = nn.Linear(hidden, p, bias=False)
         nn.init.normal_(self.layer1.weight)
         nn.init.normal_(self.layer2.weight)
-        self.train_acc = MulticlassAccuracy(num_classes=p, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes=p, average="micro")
 
     def forward(self, x: Tensor) -> Tensor:
         """``(N, 2p)`` points to ``(N, p)`` outputs."""
         h = self.layer1(x) / math.sqrt(2 * self.p)
         return self.layer2(h * h) / self.hidden
 
-    def _step(self, batch: tuple[Tensor, Tensor], stage: str, accuracy: MulticlassAccuracy):
-        x, y = batch
-        out = self(x)
-        loss = F.mse_loss(out, F.one_hot(y, self.p).to(out.dtype))
-        accuracy(out, y)
-        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True)
-        self.log(f"{stage}_acc", accuracy, on_step=False, on_epoch=True, prog_bar=stage == "val")
-        return loss
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self._step(batch, "train", self.train_acc)
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._step(batch, "val", self.val_acc)
+    def loss(self, out: Tensor, y: Tensor) -> Tensor:
+        """MSE against one-hot targets."""
+        return F.mse_loss(out, F.one_hot(y, self.p).to(out.dtype))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(

@@ -60,15 +60,14 @@ from __future__ import annotations
 
 import math
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
-from torchmetrics.classification import MulticlassAccuracy
 
 from example_modules.modular_arithmetic import (
     ModularArithmeticDataModule,
+    ModularClassifier,
     _check_int,
     _check_positive,
     fourier_families,
@@ -127,7 +126,7 @@ class ModularTransformerDataModule(ModularArithmeticDataModule):
         return DataLoader(self.val_set, batch_size=len(self.val_set))
 
 
-class ModularTransformer(L.LightningModule):
+class ModularTransformer(ModularClassifier):
     """A one-layer, LayerNorm-free transformer for addition mod ``p`` on ``a b =`` tokens, trained
     with cross-entropy and AdamW (Nanda et al. 2023, arXiv:2301.05217; Lin 2025,
     arXiv:2510.00468).
@@ -170,8 +169,6 @@ class ModularTransformer(L.LightningModule):
         torch.Size([25, 5])
     """
 
-    entk_feature_pairs = True
-
     def __init__(
         self,
         p: int = 29,
@@ -182,8 +179,8 @@ class ModularTransformer(L.LightningModule):
         weight_decay: float = 1.0,
         betas: tuple[float, float] = (0.9, 0.999),
     ) -> None:
-        super().__init__()
         _check_int("p", p, 2)
+        super().__init__(p)
         _check_int("d_model", d_model, 1)
         _check_int("d_mlp", d_mlp, 1)
         _check_int("n_heads", n_heads, 1)
@@ -199,7 +196,7 @@ class ModularTransformer(L.LightningModule):
         ):
             raise ValueError(f"`betas` must be two numbers in [0, 1), got {betas!r}.")
         self.save_hyperparameters()
-        self.p, self.n_heads = p, n_heads
+        self.n_heads = n_heads
         self.embed = nn.Embedding(p + 1, d_model)
         self.pos_embed = nn.Embedding(SEQUENCE_LENGTH, d_model)
         self.query = nn.Linear(d_model, d_model, bias=False)
@@ -213,8 +210,6 @@ class ModularTransformer(L.LightningModule):
         for name, module in self.named_children():
             if isinstance(module, nn.Linear | nn.Embedding):
                 nn.init.normal_(module.weight, std=fans.get(name, d_model) ** -0.5)
-        self.train_acc = MulticlassAccuracy(num_classes=p, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes=p, average="micro")
 
     def forward(self, tokens: Tensor) -> Tensor:
         """Tokens ``(N, 3)`` to logits ``(N, p)`` at the last position."""
@@ -234,20 +229,9 @@ class ModularTransformer(L.LightningModule):
         """``(N, T, d_model)`` to ``(N, H, T, d_head)``."""
         return x.unflatten(-1, (self.n_heads, -1)).transpose(1, 2)
 
-    def _step(self, batch: tuple[Tensor, Tensor], stage: str, accuracy: MulticlassAccuracy):
-        x, y = batch
-        logits = self(x)
-        loss = F.cross_entropy(logits, y)
-        accuracy(logits, y)
-        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True)
-        self.log(f"{stage}_acc", accuracy, on_step=False, on_epoch=True, prog_bar=stage == "val")
-        return loss
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self._step(batch, "train", self.train_acc)
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._step(batch, "val", self.val_acc)
+    def loss(self, out: Tensor, y: Tensor) -> Tensor:
+        """Cross-entropy of the logits."""
+        return F.cross_entropy(out, y)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(
