@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from trainers import quick_trainer
 
 from example_modules.modular_arithmetic import (
     FAMILIES,
@@ -26,16 +27,6 @@ def reference_fourier(p, family):
 
 def all_families(p):
     return torch.cat([fourier_features(p, f) for f in FAMILIES], dim=1)
-
-
-def quick_trainer(**kwargs):
-    return L.Trainer(
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
 
 
 def test_datamodule_grid_ordering():

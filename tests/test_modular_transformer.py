@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import EarlyStopping
 from torch import nn
+from trainers import quick_trainer
 
 from example_modules.modular_arithmetic import (
     FAMILIES,
@@ -49,16 +50,6 @@ def paper_forward(model, tokens):
     x = x + z @ model.attn_out.weight.T
     x = x + F.relu(x @ model.mlp_in.weight.T) @ model.mlp_out.weight.T
     return (x @ model.unembed.weight.T)[:, 2]
-
-
-def quick_trainer(**kwargs):
-    return L.Trainer(
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
 
 
 # ---------------------------------------------------------------------------------------------

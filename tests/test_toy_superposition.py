@@ -1,19 +1,10 @@
 import lightning as L
 import pytest
 import torch
+from trainers import quick_trainer
 
 from example_modules.toy_superposition import SuperpositionDataModule, ToyModelOfSuperposition
 from lightning_entk import empirical_ntk
-
-
-def quick_trainer(**kwargs):
-    return L.Trainer(
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
 
 
 def test_superposition_data_rows_unit_or_zero():
