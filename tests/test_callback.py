@@ -1,10 +1,12 @@
 import copy
+import multiprocessing.util
 import warnings
 
 import lightning as L
 import pytest
 import torch
 import torchmetrics
+from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -237,6 +239,19 @@ def test_monitor_state_dict_round_trip():
     assert torch.equal(clone.probe.x, monitor.probe.x) and clone.history == []
 
 
+class ReleaseProcessGroupAtExit(Callback):
+    """ddp_spawn workers leave through ``os._exit``, skipping the ``atexit`` teardown Lightning
+    registers; a gloo process group still alive then can abort the worker at exit ("terminate
+    called without an active exception") after its work is done. Destroy the group in the
+    worker's multiprocessing finalizers, which do run."""
+
+    def setup(self, trainer, pl_module, stage):
+        if torch.distributed.is_initialized():
+            multiprocessing.util.Finalize(
+                None, torch.distributed.destroy_process_group, exitpriority=100
+            )
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["trace", "flatten"])
 def test_monitor_ddp_spawn_matches_single_process(tmp_path, mode):
@@ -253,7 +268,7 @@ def test_monitor_ddp_spawn_matches_single_process(tmp_path, mode):
         warnings.simplefilter("ignore")
         multi, _ = fit(
             tmp_path / "two",
-            [ENTKMonitor(mode=mode)],
+            [ENTKMonitor(mode=mode), ReleaseProcessGroupAtExit()],
             max_epochs=2,
             model=frozen_model(),
             strategy="ddp_spawn",
