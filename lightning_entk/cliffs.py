@@ -85,6 +85,8 @@ import numpy as np
 _REFERENCE_QUANTILE = 75.0
 # The floor is at least this many times the magnitude of the most negative eigenvalue.
 _NEGATIVE_MARGIN = 10.0
+# Eigenvalues of a float32 kernel below this share of the largest are round-off (``rtol`` above).
+FLOAT32_ROUND_OFF = 1e-6
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,7 @@ def find_cliffs(
     min_drop: float = 0.04,
     window: int = 16,
     min_plateau: int = 4,
-    rtol: float = 1e-6,
+    rtol: float = FLOAT32_ROUND_OFF,
 ) -> list[Cliff]:
     """The cliffs of a descending eigenvalue spectrum, by rank (algorithm in the module docstring).
 

@@ -29,13 +29,15 @@ import torch
 from torch import Tensor, nn
 
 from lightning_entk.alignment import subspace_overlap
-from lightning_entk.cliffs import Cliff, find_cliffs
-from lightning_entk.kernel import OutputFn, ParamSelection, empirical_ntk
+from lightning_entk.cliffs import FLOAT32_ROUND_OFF, Cliff, find_cliffs
+from lightning_entk.kernel import OutputFn, ParamSelection, compute_dtype, empirical_ntk
 from lightning_entk.probe import ProbeSet
 from lightning_entk.spectrum import Spectrum
 
 TOP_EIGENVALUES = 5
-RIDGE = 1e-8  # kernel regression ridge, relative to the mean diagonal: just above round-off
+# Eigenvalues of a kernel computed in this dtype that are below this share of the largest are
+# round-off (see cliffs.py): kernel regression ignores their directions.
+ROUND_OFF_RTOL = {torch.float32: FLOAT32_ROUND_OFF, torch.float64: 1e-13}
 
 
 @dataclass
@@ -109,7 +111,10 @@ def evaluate(
         metrics["entk/kernel_target_alignment"] = kernel_target_alignment(kernel, targets)
         if probe.heldout is not None:
             metrics["entk/kernel_regression_acc"] = kernel_regression_accuracy(
-                kernel, targets, probe.heldout.to(kernel.device)
+                kernel,
+                targets,
+                probe.heldout.to(kernel.device),
+                rtol=ROUND_OFF_RTOL[compute_dtype(model)],
             )
     overlaps = {}
     if features:
@@ -162,15 +167,21 @@ def kernel_target_alignment(kernel: Tensor, targets: Tensor) -> float:
     )
 
 
-def kernel_regression_accuracy(kernel: Tensor, targets: Tensor, heldout: Tensor) -> float:
+def kernel_regression_accuracy(
+    kernel: Tensor, targets: Tensor, heldout: Tensor, rtol: float = ROUND_OFF_RTOL[torch.float32]
+) -> float:
     """Accuracy on the held-out points of eNTK kernel regression from the others,
-    ``f(x) = K(x, X) K(X, X)^-1 Y`` (arXiv:2510.00468 eq. 1), with a ridge of ``RIDGE`` times the
-    mean diagonal so that the solve is defined when K(X, X) is singular."""
+    ``f(x) = K(x, X) K(X, X)^+ Y`` (arXiv:2510.00468 eq. 1).
+
+    ``K(X, X)^+`` is the pseudo-inverse without the eigen-directions below ``rtol`` times its
+    largest eigenvalue: a kernel of rank below the number of points (a layer narrower than the
+    probe set) has only round-off there, which an inverse would amplify into the prediction.
+    ``rtol``: the round-off level of the dtype the kernel was computed in
+    (:data:`ROUND_OFF_RTOL`), not of the dtype it is handed over in.
+    """
     train = ~heldout
     k_tt = kernel[train][:, train]
-    ridge = RIDGE * k_tt.diagonal().mean().clamp(min=torch.finfo(k_tt.dtype).tiny)
-    eye = torch.eye(k_tt.shape[0], dtype=k_tt.dtype, device=k_tt.device)
-    coefficients = torch.linalg.solve(k_tt + ridge * eye, targets[train])
+    coefficients = torch.linalg.pinv(k_tt, rtol=rtol, hermitian=True) @ targets[train]
     predictions = kernel[heldout][:, train] @ coefficients
     return float((predictions.argmax(1) == targets[heldout].argmax(1)).to(torch.float64).mean())
 
