@@ -25,7 +25,15 @@ from lightning_entk import plots
 from lightning_entk.alignment import feature_alignment
 from lightning_entk.early_warning import EarlyWarning, EvaluationRecord, PhaseTransition
 from lightning_entk.evaluation import Evaluation, evaluate
-from lightning_entk.kernel import OutputFn, ParamSelection, check_projection_mode, empirical_ntk
+from lightning_entk.kernel import (
+    OutputFn,
+    ParamSelection,
+    check_projection_mode,
+    compute_dtype,
+    empirical_ntk,
+    num_outputs,
+    projection_matrix,
+)
 from lightning_entk.probe import (
     DEFAULT_MAX_PROBE_POINTS,
     ProbeSet,
@@ -241,10 +249,10 @@ class ENTKMonitor(Callback):
         if trainer.sanity_checking or self.probe is None:
             return
         start = time.perf_counter()
-        blocks = self._kernel_row_blocks(trainer, pl_module) if trainer.world_size > 1 else None
+        kernel = self._distributed_kernel(trainer, pl_module) if trainer.world_size > 1 else None
         result = None
         if trainer.is_global_zero:
-            result = self._evaluate_safely(trainer, pl_module, blocks)
+            result = self._evaluate_safely(trainer, pl_module, kernel)
             if result is not None:
                 result.metrics["entk/seconds"] = time.perf_counter() - start
         payload = (
@@ -287,45 +295,63 @@ class ENTKMonitor(Callback):
         if trainer.is_global_zero and result is not None:
             self._log_images(trainer, result)
 
-    def _kernel_row_blocks(self, trainer: Trainer, pl_module: LightningModule) -> Tensor | None:
-        """Under several processes, each computes the kernel rows of an equal share of the probe
-        points; rank 0 receives them all, ``(world, rows per rank, all rows)``, the others
-        ``None``. A rank that fails sends NaN rows (rank 0 then skips the evaluation): every rank
-        always reaches the gather, so a failure cannot deadlock the run."""
-        n, world, rank = len(self.probe), trainer.world_size, trainer.global_rank
-        share = math.ceil(n / world)
-        # Equal shares for the gather: the last rank's share is padded with copies of point 0.
-        rows = torch.arange(rank * share, (rank + 1) * share)
-        rows = torch.where(rows < n, rows, 0)
+    def _distributed_kernel(self, trainer: Trainer, pl_module: LightningModule) -> Tensor | None:
+        """Under several processes, each computes a share of the probe kernel and rank 0
+        receives it whole (the others ``None``).
+
+        ``trace``: each rank takes an equal share of the output projections (the identity's
+        columns for the exact kernel), so its backward passes and Gram products are
+        1/world_size of the work, and the parts are summed. ``flatten``: each rank computes the
+        kernel rows of an equal share of the probe points, which rank 0 assembles. A rank that
+        fails sends NaN (rank 0 then skips the evaluation): every rank always reaches the
+        collective, so a failure cannot deadlock the run."""
+        world, rank = trainer.world_size, trainer.global_rank
         x = self.probe.x.to(pl_module.device)
+        n, outputs = len(x), self._rows_per_point
+        options = {"params": self.params, "output_fn": self.output_fn}
+        options["output_weights"] = self.output_weights
         try:
             with _preserved_rng():
-                block = empirical_ntk(
-                    pl_module,
-                    x[rows],
-                    x,
-                    mode=self.mode,
-                    params=self.params,
-                    output_fn=self.output_fn,
-                    output_weights=self.output_weights,
-                    output_projections=self.output_projections,
-                ).to(torch.float64)
+                if self.mode == "trace":
+                    part = self._trace_kernel_part(pl_module, x, world, rank, options)
+                else:
+                    share = math.ceil(n / world)
+                    # Equal shares for the gather: the last is padded with copies of point 0.
+                    rows = torch.arange(rank * share, (rank + 1) * share)
+                    rows = torch.where(rows < n, rows, 0)
+                    part = empirical_ntk(pl_module, x[rows], x, mode=self.mode, **options)
+                part = part.to(torch.float64)
         except Exception as err:
-            rank_zero_warn(f"ENTKMonitor: kernel rows failed on rank {rank}: {err!r}")
-            outputs = self._rows_per_point
-            block = torch.full(
-                (outputs * share, outputs * n), torch.nan, dtype=torch.float64, device=x.device
-            )
-        blocks = trainer.strategy.all_gather(block)
-        return blocks if trainer.is_global_zero else None
+            rank_zero_warn(f"ENTKMonitor: kernel part failed on rank {rank}: {err!r}")
+            rows = n if self.mode == "trace" else outputs * math.ceil(n / world)
+            part = torch.full((rows, outputs * n), torch.nan, dtype=torch.float64, device=x.device)
+        parts = trainer.strategy.all_gather(part)
+        if not trainer.is_global_zero:
+            return None
+        if self.mode == "trace":
+            return parts.sum(0)
+        return assemble_row_blocks(parts, n, outputs)
+
+    def _trace_kernel_part(
+        self, pl_module: LightningModule, x: Tensor, world: int, rank: int, options: dict
+    ) -> Tensor:
+        """This rank's part of the trace kernel: its share of the projection columns."""
+        columns = projection_matrix(
+            num_outputs(pl_module, x, self.output_fn),
+            self.output_projections,
+            dtype=compute_dtype(pl_module),
+            device=x.device,
+        ).tensor_split(world, dim=1)[rank]
+        if columns.shape[1] == 0:  # more ranks than projections
+            return torch.zeros(len(x), len(x), dtype=torch.float64, device=x.device)
+        return empirical_ntk(pl_module, x, mode="trace", output_projections=columns, **options)
 
     def _evaluate_safely(
-        self, trainer: Trainer, pl_module: LightningModule, row_blocks: Tensor | None = None
+        self, trainer: Trainer, pl_module: LightningModule, kernel: Tensor | None = None
     ) -> Evaluation | None:
+        """One evaluation (of ``kernel`` when given, e.g. from several processes), or a warning
+        and ``None`` if it fails."""
         try:
-            kernel = None
-            if row_blocks is not None:
-                kernel = assemble_row_blocks(row_blocks, len(self.probe), self._rows_per_point)
             with _preserved_rng():
                 result = evaluate(
                     pl_module,
@@ -431,7 +457,11 @@ class ENTKMonitor(Callback):
         )
 
     def _check_budget(self, probe: ProbeSet, pl_module: LightningModule) -> None:
-        self._rows_per_point = self._num_outputs(probe, pl_module) if self.mode == "flatten" else 1
+        self._rows_per_point = 1
+        if self.mode == "flatten":
+            with _preserved_rng():
+                first = probe.x[:1].to(pl_module.device)
+                self._rows_per_point = num_outputs(pl_module, first, self.output_fn)
         rows = len(probe) * self._rows_per_point
         need, fits = kernel_memory_bytes(rows), max_rows_within(self.memory_budget)
         if need > self.memory_budget:
@@ -441,12 +471,6 @@ class ENTKMonitor(Callback):
                 f"{self.memory_budget / 2**20:.0f} MiB. Use at most {fits} "
                 "kernel rows (fewer probe points, or mode='trace'), or raise `memory_budget`."
             )
-
-    def _num_outputs(self, probe: ProbeSet, pl_module: LightningModule) -> int:
-        with torch.no_grad(), _preserved_rng():
-            out = pl_module(probe.x[:1].to(pl_module.device))
-            out = out if self.output_fn is None else self.output_fn(out)
-        return int(out.shape[-1])
 
     def _last_step(self) -> int | None:
         return self.history[-1].step if self.history else None

@@ -215,6 +215,36 @@ def _check_projections(output_projections: object, projection_seed: object) -> N
         raise ValueError(f"`projection_seed` must be an int, got {projection_seed!r}.")
 
 
+def projection_matrix(
+    num_outputs: int,
+    output_projections: int | Tensor | None,
+    projection_seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """The projections ``(C, s)`` that :func:`empirical_ntk` applies to the outputs, as
+    columns: the identity for ``None`` (the exact kernel, ``s = C``), the Rademacher columns
+    drawn from ``projection_seed`` for an int ``s``, or the given tensor. Splitting the columns
+    splits the trace kernel into parts that sum to it.
+
+    Raises:
+        ValueError: if a given tensor does not have ``num_outputs`` rows.
+    """
+    if output_projections is None:
+        return torch.eye(num_outputs, dtype=dtype, device=device)
+    if isinstance(output_projections, Tensor):
+        if output_projections.shape[0] != num_outputs:
+            raise ValueError(
+                f"`output_projections` has {output_projections.shape[0]} rows but the model has "
+                f"C = {num_outputs} outputs; pass a (C, s) tensor."
+            )
+        return output_projections.to(device=device, dtype=dtype)
+    s = output_projections
+    generator = torch.Generator().manual_seed(projection_seed)
+    signs = torch.randint(0, 2, (num_outputs, s), generator=generator).to(dtype) * 2 - 1
+    return (signs / math.sqrt(s)).to(device)
+
+
 def _check_points(name: str, x: Tensor) -> None:
     if not isinstance(x, Tensor):
         raise ValueError(f"`{name}` must be a tensor of points (N, ...), got {type(x).__name__}.")
@@ -267,6 +297,15 @@ def compute_dtype(model: nn.Module) -> torch.dtype:
     """float64 for a float64 model, float32 otherwise (half precision is never used)."""
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def num_outputs(model: nn.Module, x: Tensor, output_fn: OutputFn = None) -> int:
+    """C, the outputs per point, from one forward pass of ``x[:1]`` in eval mode (the model's
+    modes, BatchNorm statistics and gradients untouched)."""
+    with torch.no_grad(), _evaluation_state(model):
+        out = model(x[:1])
+        out = out if output_fn is None else output_fn(out)
+    return int(out.shape[-1])
 
 
 @contextlib.contextmanager
@@ -724,19 +763,9 @@ class _NTKContext:
         with torch.no_grad():
             raw = functional_call(self.model, (self.params, self.buffers), (x[:1],))
             c = self.outputs(raw, 1, project=False).shape[1]
-        if isinstance(self.output_projections, Tensor):
-            projection = self.output_projections.to(device=x.device, dtype=self.dtype)
-            if projection.shape[0] != c:
-                raise ValueError(
-                    f"`output_projections` has {projection.shape[0]} rows but the model has "
-                    f"C = {c} outputs; pass a (C, s) tensor."
-                )
-        else:
-            s = self.output_projections
-            generator = torch.Generator().manual_seed(self.projection_seed)
-            signs = torch.randint(0, 2, (c, s), generator=generator).to(self.dtype) * 2 - 1
-            projection = (signs / math.sqrt(s)).to(x.device)
-        self.projection = projection
+        self.projection = projection_matrix(
+            c, self.output_projections, self.projection_seed, self.dtype, x.device
+        )
 
     @property
     def generic_names(self) -> list[str]:

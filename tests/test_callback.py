@@ -253,22 +253,25 @@ class ReleaseProcessGroupAtExit(Callback):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["trace", "flatten"])
-def test_monitor_ddp_spawn_matches_single_process(tmp_path, mode):
-    """Two CPU processes, each computing half of the kernel's rows: one evaluation per epoch,
-    logged once, no deadlock, and the values of a single process (the weights are frozen by
-    lr=0 so that both runs see the same model)."""
+@pytest.mark.parametrize(
+    "options", [{"mode": "trace"}, {"mode": "trace", "output_projections": 3}, {"mode": "flatten"}]
+)
+def test_monitor_ddp_spawn_matches_single_process(tmp_path, options):
+    """Two CPU processes, each computing half of the trace kernel's output projections (half of
+    the flattened kernel's rows): one evaluation per epoch, logged once, no deadlock, and the
+    values of a single process (the weights are frozen by lr=0 so that both runs see the same
+    model)."""
 
     def frozen_model():
         torch.manual_seed(0)
         return Classifier(lr=0.0, batchnorm=False)
 
-    single, _ = fit(tmp_path / "one", [ENTKMonitor(mode=mode)], max_epochs=2, model=frozen_model())
+    single, _ = fit(tmp_path / "one", [ENTKMonitor(**options)], max_epochs=2, model=frozen_model())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         multi, _ = fit(
             tmp_path / "two",
-            [ENTKMonitor(mode=mode), ReleaseProcessGroupAtExit()],
+            [ENTKMonitor(**options), ReleaseProcessGroupAtExit()],
             max_epochs=2,
             model=frozen_model(),
             strategy="ddp_spawn",

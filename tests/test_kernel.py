@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_entk import empirical_ntk
+from lightning_entk.kernel import num_outputs
 
 from reference import brute_force_ntk
 
@@ -341,3 +342,13 @@ def test_layer_that_does_not_reach_the_outputs_contributes_zero(method):
         rtol=1e-10,
         atol=0,
     )
+
+
+def test_num_outputs_in_eval_mode_leaves_the_model_as_it_was():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)).train()
+    statistics = model[1].running_mean.clone()
+    assert num_outputs(model, float_points(5, 4).float()) == 3  # one point: BatchNorm in eval
+    assert model.training and model[1].training
+    assert torch.equal(model[1].running_mean, statistics)
+    assert num_outputs(model, float_points(5, 4).float(), lambda out: out[:, :2]) == 2

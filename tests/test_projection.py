@@ -10,6 +10,7 @@ from test_kernel import CASES, MLP, assert_relative_close, float_points
 from torch import nn
 
 from lightning_entk import Spectrum, empirical_ntk, ntk_spectrum
+from lightning_entk.kernel import num_outputs, projection_matrix
 
 from reference import brute_force_ntk
 
@@ -50,6 +51,33 @@ def test_output_projections_orthogonal_basis_is_exact(name, method):
             empirical_ntk(model, x1, x2, output_projections=basis, method=method),
             brute_force_ntk(model, x1, x2),
         )
+
+
+@pytest.mark.parametrize("projections", [None, 5, "tensor"])
+def test_projection_columns_split_the_trace_kernel_into_parts_that_sum_to_it(projections):
+    """How several processes share the trace kernel: each takes some columns of
+    ``projection_matrix`` (the identity's for the exact kernel), and the parts add up."""
+    model, x1, _ = model_and_points("mlp_tanh_gelu_bias")
+    c = num_outputs(model, x1)
+    if projections == "tensor":
+        projections = float_points(c, 4, seed=5)
+    columns = projection_matrix(c, projections, dtype=torch.float64)
+    whole = empirical_ntk(model, x1, output_projections=projections)
+    if projections is None:
+        assert torch.equal(columns, torch.eye(c, dtype=torch.float64))
+        assert_relative_close(whole, brute_force_ntk(model, x1))
+    else:  # the same projections as empirical_ntk draws or takes itself
+        assert torch.equal(empirical_ntk(model, x1, output_projections=columns), whole)
+    parts = [
+        empirical_ntk(model, x1, output_projections=share)
+        for share in columns.tensor_split(3, dim=1)
+    ]
+    assert_relative_close(sum(parts), whole, rtol=1e-13)
+
+
+def test_projection_matrix_rejects_a_tensor_with_the_wrong_rows():
+    with pytest.raises(ValueError, match="has 3 rows but the model has C = 4"):
+        projection_matrix(4, torch.ones(3, 2))
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -1,0 +1,110 @@
+"""What splitting the kernel across processes saves: one ENTKMonitor evaluation of the modular
+transformer (p=29, all 841 pairs, trace eNTK of every parameter), in one process and under
+``ddp_spawn`` with two, each process on one CPU thread (so that two processes on a 2-core
+machine do not compete for the same cores, as two GPUs would not).
+
+Each run trains 6 epochs with an evaluation at initialization and after every epoch, and logs
+``entk/seconds`` (every rank's part of the kernel, the gather, and rank 0's spectrum, cliffs
+and metrics) to a CSV logger read back here; the first evaluation is left out (warm-up). The
+last columns time one rank's part of the kernel alone (1/world_size of the output
+projections), the work that the split divides.
+
+    python benchmarks/ddp_split.py
+"""
+
+from __future__ import annotations
+
+import csv
+import multiprocessing
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+os.environ["OMP_NUM_THREADS"] = "1"  # before torch is imported, here and in spawned workers
+
+import lightning as L
+import torch
+from lightning.pytorch import Callback
+from lightning.pytorch.loggers import CSVLogger
+
+from example_modules.modular_transformer import ModularTransformer, ModularTransformerDataModule
+from lightning_entk import ENTKMonitor, empirical_ntk
+
+EPOCHS = 6
+
+
+class ReleaseProcessGroupAtExit(Callback):
+    """Spawned workers leave through ``os._exit``, which skips Lightning's teardown of the gloo
+    group (then the worker can abort at exit); destroy it in the workers' multiprocessing
+    finalizers instead."""
+
+    def setup(self, trainer, pl_module, stage):
+        if torch.distributed.is_initialized():
+            multiprocessing.util.Finalize(
+                None, torch.distributed.destroy_process_group, exitpriority=100
+            )
+
+
+def evaluation_seconds(devices: int) -> list[float]:
+    """``entk/seconds`` of every evaluation of a run on ``devices`` processes."""
+    torch.set_num_threads(1)
+    L.seed_everything(0, verbose=False)
+    with tempfile.TemporaryDirectory() as log_dir:
+        trainer = L.Trainer(
+            max_epochs=EPOCHS,
+            accelerator="cpu",
+            devices=devices,
+            strategy="ddp_spawn" if devices > 1 else "auto",
+            callbacks=[
+                ENTKMonitor(every_n_epochs=1, log_images=False),
+                ReleaseProcessGroupAtExit(),
+            ],
+            logger=CSVLogger(log_dir, name="run"),
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(ModularTransformer(), datamodule=ModularTransformerDataModule())
+        rows = csv.DictReader((Path(log_dir) / "run" / "version_0" / "metrics.csv").open())
+        return [float(r["entk/seconds"]) for r in rows if r.get("entk/seconds")]
+
+
+def kernel_part_seconds(world: int, repeats: int = 3) -> float:
+    """Median time of one rank's part of the trace kernel (its 1/world of the output
+    projections) on the transformer at initialization, in this process."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = ModularTransformer()
+    x, _ = ModularTransformerDataModule().grid()
+    columns = torch.eye(model.p).tensor_split(world, dim=1)[0]
+    seconds = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        empirical_ntk(model, x, output_projections=columns)
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds[1:])
+
+
+def main() -> None:
+    print(
+        f"{'processes':>9}{'evaluations':>13}{'median s':>10}{'speed-up':>10}"
+        f"{'kernel part s':>15}{'speed-up':>10}"
+    )
+    one = one_part = None
+    for devices in (1, 2):
+        seconds = evaluation_seconds(devices)[1:]
+        median, part = statistics.median(seconds), kernel_part_seconds(devices)
+        one, one_part = one or median, one_part or part
+        print(
+            f"{devices:>9}{len(seconds):>13}{median:>10.2f}{one / median:>10.2f}"
+            f"{part:>15.2f}{one_part / part:>10.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
