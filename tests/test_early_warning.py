@@ -1,0 +1,105 @@
+"""The early-warning detector on hand-made evaluation histories: each signal fires exactly when its
+rule says, once per run, and its state survives a round trip."""
+
+import copy
+
+import numpy as np
+import pytest
+
+from lightning_entk.cliffs import Cliff
+from lightning_entk.early_warning import EarlyWarning, EvaluationRecord
+
+
+def record(epoch, cliffs=(), kr=None, velocity=None, **metrics):
+    if kr is not None:
+        metrics["entk/kernel_regression_acc"] = kr
+    if velocity is not None:
+        metrics["entk/kernel_velocity"] = velocity
+    return EvaluationRecord(
+        epoch=epoch,
+        step=10 * epoch,
+        eigenvalues=np.array([3.0, 2.0, 1.0]),
+        cliffs=[Cliff(rank=r, drop=0.1) for r in cliffs],
+        metrics=metrics,
+    )
+
+
+def kinds(detector, records):
+    return [(t.epoch, t.kind) for r in records for t in detector.update(r)]
+
+
+def test_regression_lead_needs_both_the_rise_and_the_lead():
+    detector = EarlyWarning(lead_rise=0.2, lead_margin=0.2)
+    history = [
+        record(0, kr=0.05),  # the starting level
+        record(1, kr=0.2, val_acc=0.0),  # risen by 0.15 only
+        record(2, kr=0.4, val_acc=0.3),  # leads by 0.1 only
+        record(3, kr=0.6, val_acc=0.3),  # both hold
+        record(4, kr=0.9, val_acc=0.1),  # raised once only
+    ]
+    assert kinds(detector, history) == [(3, "kernel_regression_lead")]
+    assert detector.update(record(5, kr=0.9)) == []
+
+
+def test_regression_lead_is_judged_against_the_start_not_chance():
+    """A kernel that predicts from initialization (the modular transformer's, which predicts
+    (a, b) from its trained swap (b, a)) has not risen: no alarm however far it leads."""
+    detector = EarlyWarning()
+    history = [record(0, kr=0.51)] + [record(e, kr=0.51, val_acc=0.02) for e in (20, 40, 60)]
+    assert kinds(detector, history) == []
+
+
+def test_regression_lead_without_an_accuracy_key_judges_the_rise_only():
+    detector = EarlyWarning(accuracy_key=None)
+    history = [record(0, kr=0.0), record(1, kr=0.1), record(2, kr=0.25, val_acc=0.9)]
+    (transition,) = [t for r in history for t in detector.update(r)]
+    assert (transition.epoch, transition.evidence) == (
+        2,
+        {"kernel_regression_acc": 0.25, "rise": 0.25},
+    )
+
+
+def test_regression_lead_silent_without_kernel_regression():
+    detector = EarlyWarning()
+    assert kinds(detector, [record(e, val_acc=0.0) for e in range(5)]) == []
+
+
+def test_new_cliff_must_persist_and_be_new():
+    detector = EarlyWarning(persistence=3, rank_tolerance=2)
+    ranks = [(57,), (57,), (57, 113), (57, 112), (57,), (58, 113), (57, 114), (57, 113)]
+    raised = [t for e, r in enumerate(ranks) for t in detector.update(record(e, r))]
+    assert [(t.epoch, t.kind, t.evidence["rank"]) for t in raised] == [(7, "new_cliff", 113.0)]
+    assert raised[0].evidence["evaluations"] == 3
+
+
+def test_velocity_jump_after_warmup():
+    detector = EarlyWarning(velocity_factor=5.0, warmup=3)
+    velocities = [1.0, 9.0, 1.0, 1.2, 0.9, 1.1, 6.0, 50.0]  # the early 9 is within the warmup
+    history = [record(e, velocity=v) for e, v in enumerate(velocities)]
+    assert kinds(detector, history) == [(6, "kernel_velocity")]
+
+
+def test_state_round_trip_continues_where_it_left_off():
+    detector = EarlyWarning(persistence=2)
+    for e, ranks in enumerate([(57,), (57, 113)]):
+        detector.update(record(e, ranks))
+    resumed = EarlyWarning(persistence=2)
+    resumed.load_state_dict(copy.deepcopy(detector.state_dict()))
+    assert kinds(resumed, [record(2, (57, 113))]) == [(2, "new_cliff")]
+    assert kinds(resumed, [record(3, (57, 113))]) == []  # once per run
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"lead_rise": 0.0}, "lead_rise"),
+        ({"lead_margin": 1.5}, "lead_margin"),
+        ({"persistence": 0}, "persistence"),
+        ({"warmup": 1.5}, "warmup"),
+        ({"rank_tolerance": -1}, "rank_tolerance"),
+        ({"velocity_factor": 1.0}, "velocity_factor"),
+    ],
+)
+def test_invalid_arguments_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        EarlyWarning(**kwargs)
