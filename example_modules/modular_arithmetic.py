@@ -214,17 +214,20 @@ class ModularClassifier(L.LightningModule):
     def loss(self, out: Tensor, y: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def _step(self, batch: tuple[Tensor, Tensor], stage: str, accuracy: MulticlassAccuracy):
+    def _step(
+        self, batch: tuple[Tensor, Tensor], stage: str, accuracy: MulticlassAccuracy
+    ) -> tuple[Tensor, Tensor]:
+        """Log the loss and accuracy of a batch; return the loss and the outputs."""
         x, y = batch
         out = self(x)
         loss = self.loss(out, y)
         accuracy(out, y)
         self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True)
         self.log(f"{stage}_acc", accuracy, on_step=False, on_epoch=True, prog_bar=stage == "val")
-        return loss
+        return loss, out
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self._step(batch, "train", self.train_acc)
+        return self._step(batch, "train", self.train_acc)[0]
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._step(batch, "val", self.val_acc)

@@ -78,7 +78,7 @@ def test_datamodule_split_shared_with_arithmetic_datamodule():
         (data.train_set, data.train_indices),
         (data.val_set, data.val_indices),
     ):
-        xs, ys = dataset.tensors
+        xs, ys = dataset.tensors[:2]
         assert torch.equal(xs, x[indices]) and torch.equal(ys, y[indices])
 
 
@@ -103,6 +103,15 @@ def test_datamodule_loaders_shuffled_minibatches_and_full_validation():
     )
     (val_batch,) = list(data.val_dataloader())
     assert torch.equal(val_batch[0], data.val_set.tensors[0])
+
+
+def test_datamodule_flags_held_out_pairs_whose_swap_is_trained():
+    data = ModularTransformerDataModule(p=11, seed=4)
+    trained = {tuple(t[:2].tolist()) for t in data.train_set.tensors[0]}
+    tokens, _, swap_trained = data.val_set.tensors
+    expected = [(b, a) in trained for a, b, _ in tokens.tolist()]
+    assert swap_trained.tolist() == expected
+    assert 0 < swap_trained.sum() < len(swap_trained)
 
 
 def test_datamodule_full_batch_training():
@@ -264,6 +273,21 @@ def test_transformer_trainer_logs_metrics_and_learns():
     assert 0 <= trainer.callback_metrics["val_acc"] <= 1
     assert trainer.callback_metrics["train_acc"] >= 0.9  # 24 training pairs memorised
     assert model.hparams.p == 7 and model.hparams.weight_decay == 0.0
+
+
+def test_transformer_validation_splits_accuracy_by_swap():
+    L.seed_everything(0, verbose=False)
+    data = ModularTransformerDataModule(p=7, batch_size=8)
+    model = ModularTransformer(p=7, d_model=16, d_mlp=32, n_heads=2, lr=1e-2)
+    trainer = quick_trainer(max_epochs=20)
+    trainer.fit(model, datamodule=data)
+    x, y, swap_trained = data.val_set.tensors
+    with torch.no_grad():
+        correct = (model(x).argmax(-1) == y).double()
+    metrics = trainer.callback_metrics
+    assert metrics["val_acc_swap_seen"].item() == pytest.approx(correct[swap_trained].mean())
+    assert metrics["val_acc_swap_unseen"].item() == pytest.approx(correct[~swap_trained].mean())
+    assert metrics["val_acc"].item() == pytest.approx(correct.mean())
 
 
 def test_transformer_with_monitor_records_spectra_and_alignment(tmp_path):
