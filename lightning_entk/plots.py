@@ -217,9 +217,10 @@ def plot_spectrum_evolution(
 ) -> Figure:
     """The spectrum over training as a heatmap, cliffs marked, accuracy and transitions below.
 
-    Top: ``log10`` of eigenvalue ``i`` (1 at the top; a log index axis above
-    ``LOG_INDEX_FROM``) at each evaluation's epoch; NaN padding and non-positive values show as
-    grey. Each cliff is a marker at ``(epoch, rank + 0.5)``, between the eigenvalues it separates.
+    Top: ``log10`` of eigenvalue ``i`` over the largest of its evaluation (index 1 at the top;
+    a log index axis above ``LOG_INDEX_FROM``) at each evaluation's epoch; NaN padding and
+    non-positive values show as grey. Each cliff is a marker at ``(epoch, rank + 0.5)``,
+    between the eigenvalues it separates.
     Bottom (when ``accuracy`` is given): accuracy curves on ``[0, 1]`` against the same epochs.
     Transitions (e.g. early warnings) are vertical lines across both panels, listed in a legend.
 
@@ -272,6 +273,11 @@ def plot_spectrum_evolution(
     log_values = np.full(values.shape, np.nan)
     positive = np.isfinite(values) & (values > 0)
     log_values[positive] = np.log10(values[positive])
+    # Relative to each evaluation's largest: cliffs are ratios, and the kernel's overall scale
+    # can grow by decades over training (the modular transformer's), which would otherwise take
+    # the whole colour range.
+    largest = np.max(np.where(np.isfinite(log_values), log_values, -np.inf), axis=1)
+    log_values -= np.where(np.isfinite(largest), largest, 0.0)[:, None]
     # The colour range: percentiles, not extremes, of the eigenvalues down to twice the deepest
     # cliff. An outlying top mode or a long round-off tail would otherwise stretch the scale
     # until plateaus a factor 2 apart (the modular MLP's cliffs) share one colour.
@@ -296,7 +302,7 @@ def plot_spectrum_evolution(
     ax.set_ylabel("eigenvalue index" + (" (log scale)" if k > LOG_INDEX_FROM else ""))
     ax.set_title("eNTK spectrum over training")
     colorbar = fig.colorbar(mesh, cax=fig.add_subplot(grid[0, 1]), extend="both")
-    colorbar.set_label("log10 eigenvalue")
+    colorbar.set_label("log10 (eigenvalue / largest)")
 
     # One segment per evaluation across its cell: a cliff that persists reads as a line.
     edges = _cell_edges(epochs_)

@@ -133,7 +133,7 @@ def test_plot_spectrum_evolution_renders_cliffs_accuracy_and_transitions():
     assert_renders(fig)
     heatmap, bottom = fig.axes[0], fig.axes[2]  # the colorbar is axes 1
     assert heatmap.get_ylim() == (841.5, 0.5)  # index 1 at the top
-    assert fig.axes[1].get_ylabel() == "log10 eigenvalue"
+    assert fig.axes[1].get_ylabel() == "log10 (eigenvalue / largest)"
     segments = [c for c in heatmap.collections if isinstance(c, LineCollection)]
     assert len(segments) == 1
     heights = {round(s[0][1], 1) for s in segments[0].get_segments()}
@@ -148,6 +148,18 @@ def test_plot_spectrum_evolution_renders_cliffs_accuracy_and_transitions():
     texts = texts_of(fig)
     assert "kernel_regression_lead (epoch 80)" in texts
     assert "new_cliff (epoch 100)" in texts
+
+
+def test_plot_spectrum_evolution_shows_each_spectrum_relative_to_its_largest():
+    """A kernel that grows by decades over training keeps the colours of its shape."""
+    epochs, values, cliffs, _ = evolution_data(n_evals=6, k=100)
+    values[3:] = values[0] * 1e4
+    values[:3] = values[0]
+    fig = plot_spectrum_evolution(epochs, values, cliffs)
+    mesh = next(c for c in fig.axes[0].collections if isinstance(c, QuadMesh))
+    colours = np.asarray(mesh.get_array()).reshape(100, 6)
+    np.testing.assert_allclose(colours[:, 3:], colours[:, :3], atol=1e-12)
+    np.testing.assert_allclose(colours[0], 0.0, atol=1e-12)
 
 
 def test_plot_spectrum_evolution_handles_nan_padding():
