@@ -16,7 +16,7 @@ example_modules.modular_transformer``, every default but the seed), controls at 
     python benchmarks/early_warning.py                 # 5 grokking seeds + 3 controls, ~12 min
     python benchmarks/early_warning.py --seeds 2 --controls 1
     python benchmarks/early_warning.py --model transformer --seeds 4 --controls 1 \
-        --max-epochs 2500                              # ~25 min
+        --max-epochs 3000                              # ~20 min
 """
 
 from __future__ import annotations

@@ -308,8 +308,11 @@ class ENTKMonitor(Callback):
         world, rank = trainer.world_size, trainer.global_rank
         x = self.probe.x.to(pl_module.device)
         n, outputs = len(x), self._rows_per_point
-        options = {"params": self.params, "output_fn": self.output_fn}
-        options["output_weights"] = self.output_weights
+        options = {
+            "params": self.params,
+            "output_fn": self.output_fn,
+            "output_weights": self.output_weights,
+        }
         try:
             with _preserved_rng():
                 if self.mode == "trace":
