@@ -254,7 +254,13 @@ class ReleaseProcessGroupAtExit(Callback):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "options", [{"mode": "trace"}, {"mode": "trace", "output_projections": 3}, {"mode": "flatten"}]
+    "options",
+    [
+        {"mode": "trace"},
+        {"mode": "trace", "output_projections": 3},
+        {"mode": "trace", "output_projections": 1},  # rank 1 has no projection: adds zero
+        {"mode": "flatten"},
+    ],
 )
 def test_monitor_ddp_spawn_matches_single_process(tmp_path, options):
     """Two CPU processes, each computing half of the trace kernel's output projections (half of
