@@ -1,20 +1,25 @@
 """What splitting the kernel across processes saves: one ENTKMonitor evaluation of the modular
-transformer (p=29, all 841 pairs, trace eNTK of every parameter), in one process and under
-``ddp_spawn`` with two, each process on one CPU thread (so that two processes on a 2-core
-machine do not compete for the same cores, as two GPUs would not).
+transformer (p=29, eNTK of every parameter), in one process and under ``ddp_spawn`` with two,
+each process on one CPU thread (so that two processes on a 2-core machine do not compete for
+the same cores, as two GPUs would not). ``--mode trace`` (the default): all 841 pairs, each
+rank computing its share of the output projections. ``--mode flatten``: a probe of 150 pairs
+(4350 kernel rows), each rank computing the rows of its share of the points.
 
 Each run trains 6 epochs with an evaluation at initialization and after every epoch, and logs
 ``entk/seconds`` (every rank's part of the kernel, the gather, and rank 0's spectrum, cliffs
 and metrics) to a CSV logger read back here; the first evaluation is left out (warm-up). The
 last columns time one rank's part of the kernel alone (1/world_size of the output
-projections), the work that the split divides.
+projections, or of the kernel rows), the work that the split divides.
 
     python benchmarks/ddp_split.py
+    python benchmarks/ddp_split.py --mode flatten
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
+import functools
 import multiprocessing
 import os
 import statistics
@@ -34,6 +39,7 @@ from example_modules.modular_transformer import ModularTransformer, ModularTrans
 from lightning_entk import ENTKMonitor, empirical_ntk
 
 EPOCHS = 6
+PROBE_POINTS = {"trace": 841, "flatten": 150}
 
 
 class ReleaseProcessGroupAtExit(Callback):
@@ -48,7 +54,7 @@ class ReleaseProcessGroupAtExit(Callback):
             )
 
 
-def evaluation_seconds(devices: int) -> list[float]:
+def evaluation_seconds(devices: int, mode: str) -> list[float]:
     """``entk/seconds`` of every evaluation of a run on ``devices`` processes."""
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
@@ -59,7 +65,12 @@ def evaluation_seconds(devices: int) -> list[float]:
             devices=devices,
             strategy="ddp_spawn" if devices > 1 else "auto",
             callbacks=[
-                ENTKMonitor(every_n_epochs=1, log_images=False),
+                ENTKMonitor(
+                    every_n_epochs=1,
+                    mode=mode,
+                    max_probe_points=PROBE_POINTS[mode],
+                    log_images=False,
+                ),
                 ReleaseProcessGroupAtExit(),
             ],
             logger=CSVLogger(log_dir, name="run"),
@@ -74,31 +85,41 @@ def evaluation_seconds(devices: int) -> list[float]:
         return [float(r["entk/seconds"]) for r in rows if r.get("entk/seconds")]
 
 
-def kernel_part_seconds(world: int, repeats: int = 3) -> float:
-    """Median time of one rank's part of the trace kernel (its 1/world of the output
-    projections) on the transformer at initialization, in this process."""
+def kernel_part_seconds(world: int, mode: str, repeats: int = 3) -> float:
+    """Median time of one rank's part of the kernel on the transformer at initialization, in
+    this process: its 1/world of the output projections (``trace``) or of the kernel rows
+    (``flatten``)."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = ModularTransformer()
     x, _ = ModularTransformerDataModule().grid()
-    columns = torch.eye(model.p).tensor_split(world, dim=1)[0]
+    x = x[: PROBE_POINTS[mode]]
+    if mode == "trace":
+        columns = torch.eye(model.p).tensor_split(world, dim=1)[0]
+        part = functools.partial(empirical_ntk, model, x, output_projections=columns)
+    else:
+        rows = x.tensor_split(world)[0]
+        part = functools.partial(empirical_ntk, model, rows, x, mode="flatten")
     seconds = []
     for _ in range(repeats + 1):
         start = time.perf_counter()
-        empirical_ntk(model, x, output_projections=columns)
+        part()
         seconds.append(time.perf_counter() - start)
     return statistics.median(seconds[1:])
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mode", choices=["trace", "flatten"], default="trace")
+    mode = parser.parse_args().mode
     print(
         f"{'processes':>9}{'evaluations':>13}{'median s':>10}{'speed-up':>10}"
         f"{'kernel part s':>15}{'speed-up':>10}"
     )
     one = one_part = None
     for devices in (1, 2):
-        seconds = evaluation_seconds(devices)[1:]
-        median, part = statistics.median(seconds), kernel_part_seconds(devices)
+        seconds = evaluation_seconds(devices, mode)[1:]
+        median, part = statistics.median(seconds), kernel_part_seconds(devices, mode)
         one, one_part = one or median, one_part or part
         print(
             f"{devices:>9}{len(seconds):>13}{median:>10.2f}{one / median:>10.2f}"

@@ -72,20 +72,25 @@ def main(
 
 
 def summary(monitor: ENTKMonitor, trainer) -> str:
-    """A one-screen text summary of a monitored run."""
+    """A one-screen text summary of a monitored run: when the accuracy crossed 0.5 and 0.95,
+    each phase-transition signal of the monitor with how many epochs before or after the 0.5
+    crossing it came, and the cliffs at the start and the end."""
     history = monitor.history
     lines = ["", "=" * 72, "eNTK monitor summary", "=" * 72]
     key = monitor.accuracy_key
+    crossed = {}
     for level in (0.5, 0.95):
-        epoch = next((r.epoch for r in history if r.metrics.get(key, 0.0) >= level), None)
-        seen = f"epoch {epoch}" if epoch is not None else "not reached"
+        crossed[level] = next((r.epoch for r in history if r.metrics.get(key, 0.0) >= level), None)
+        seen = f"epoch {crossed[level]}" if crossed[level] is not None else "not reached"
         lines.append(f"{key} >= {level:<5} first seen at evaluation of {seen}")
-    if monitor.transitions:
-        first = monitor.transitions[0]
-        lines.append(f"early warning: {first.describe()}")
-        lines += [f"    also: {t.describe()}" for t in monitor.transitions[1:]]
-    else:
-        lines.append("early warning: none raised")
+    lines.append(f"phase-transition signals: {len(monitor.transitions) or 'none raised'}")
+    for transition in monitor.transitions:
+        lines.append(f"    {transition.describe()}")
+        lead = None if crossed[0.5] is None else crossed[0.5] - transition.epoch
+        if lead is not None and lead > 0:
+            lines.append(f"        {lead} epochs before {key} >= 0.5: an early warning")
+        elif lead is not None:
+            lines.append(f"        {-lead} epochs after {key} >= 0.5: not ahead of it")
     if history:
         for label, record in (("start", history[0]), ("end", history[-1])):
             ranks = ", ".join(f"{c.rank} (x{10**c.drop:.2f})" for c in record.cliffs) or "none"

@@ -37,4 +37,4 @@ def test_demo_logs_a_new_cliff_through_grokking(tmp_path, capsys):
     assert monitor.summary_path == log_dir / "entk_summary.png"
     printed = capsys.readouterr().out
     assert "eNTK monitor summary" in printed and f"tensorboard --logdir {tmp_path}" in printed
-    assert "early warning: epoch" in printed
+    assert "kernel_regression_lead" in printed and ": an early warning" in printed
