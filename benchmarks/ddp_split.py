@@ -11,8 +11,12 @@ and metrics) to a CSV logger read back here; the first evaluation is left out (w
 last columns time one rank's part of the kernel alone (1/world_size of the output
 projections, or of the kernel rows), the work that the split divides.
 
+``--d-model`` and ``--d-mlp`` widen the transformer (the paper's 64 and 256 by default), so
+that the kernel, which the split divides, outweighs rank 0's spectrum, which it does not.
+
     python benchmarks/ddp_split.py
     python benchmarks/ddp_split.py --mode flatten
+    python benchmarks/ddp_split.py --d-model 256 --d-mlp 1024
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ class ReleaseProcessGroupAtExit(Callback):
             )
 
 
-def evaluation_seconds(devices: int, mode: str) -> list[float]:
+def evaluation_seconds(devices: int, mode: str, widths: dict) -> list[float]:
     """``entk/seconds`` of every evaluation of a run on ``devices`` processes."""
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
@@ -80,18 +84,18 @@ def evaluation_seconds(devices: int, mode: str) -> list[float]:
         )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            trainer.fit(ModularTransformer(), datamodule=ModularTransformerDataModule())
+            trainer.fit(ModularTransformer(**widths), datamodule=ModularTransformerDataModule())
         rows = csv.DictReader((Path(log_dir) / "run" / "version_0" / "metrics.csv").open())
         return [float(r["entk/seconds"]) for r in rows if r.get("entk/seconds")]
 
 
-def kernel_part_seconds(world: int, mode: str, repeats: int = 3) -> float:
+def kernel_part_seconds(world: int, mode: str, widths: dict, repeats: int = 3) -> float:
     """Median time of one rank's part of the kernel on the transformer at initialization, in
     this process: its 1/world of the output projections (``trace``) or of the kernel rows
     (``flatten``)."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = ModularTransformer()
+    model = ModularTransformer(**widths)
     x, _ = ModularTransformerDataModule().grid()
     x = x[: PROBE_POINTS[mode]]
     if mode == "trace":
@@ -111,15 +115,20 @@ def kernel_part_seconds(world: int, mode: str, repeats: int = 3) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mode", choices=["trace", "flatten"], default="trace")
-    mode = parser.parse_args().mode
+    parser.add_argument("--d-model", type=int, default=64)
+    parser.add_argument("--d-mlp", type=int, default=256)
+    args = parser.parse_args()
+    mode, widths = args.mode, {"d_model": args.d_model, "d_mlp": args.d_mlp}
+    parameters = sum(p.numel() for p in ModularTransformer(**widths).parameters())
+    print(f"mode {mode}, {PROBE_POINTS[mode]} probe points, {parameters} parameters")
     print(
         f"{'processes':>9}{'evaluations':>13}{'median s':>10}{'speed-up':>10}"
         f"{'kernel part s':>15}{'speed-up':>10}"
     )
     one = one_part = None
     for devices in (1, 2):
-        seconds = evaluation_seconds(devices, mode)[1:]
-        median, part = statistics.median(seconds), kernel_part_seconds(devices, mode)
+        seconds = evaluation_seconds(devices, mode, widths)[1:]
+        median, part = statistics.median(seconds), kernel_part_seconds(devices, mode, widths)
         one, one_part = one or median, one_part or part
         print(
             f"{devices:>9}{len(seconds):>13}{median:>10.2f}{one / median:>10.2f}"
