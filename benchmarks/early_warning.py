@@ -62,10 +62,7 @@ def run_demo(
     with contextlib.redirect_stdout(io.StringIO()):  # the demo's own summary
         monitor = main(args)
     seconds = time.perf_counter() - start
-    crossed = next(
-        (r.epoch for r in monitor.history if r.metrics.get(monitor.accuracy_key, 0.0) >= 0.5),
-        None,
-    )
+    crossed = monitor.first_epoch_reaching(0.5)
     events = EventAccumulator(str(monitor.summary_path.parent), size_guidance={"scalars": 0})
     events.Reload()
     unseen = None

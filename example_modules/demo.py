@@ -78,10 +78,9 @@ def summary(monitor: ENTKMonitor, trainer) -> str:
     history = monitor.history
     lines = ["", "=" * 72, "eNTK monitor summary", "=" * 72]
     key = monitor.accuracy_key
-    crossed = {}
-    for level in (0.5, 0.95):
-        crossed[level] = next((r.epoch for r in history if r.metrics.get(key, 0.0) >= level), None)
-        seen = f"epoch {crossed[level]}" if crossed[level] is not None else "not reached"
+    crossed = {level: monitor.first_epoch_reaching(level) for level in (0.5, 0.95)}
+    for level, epoch in crossed.items():
+        seen = f"epoch {epoch}" if epoch is not None else "not reached"
         lines.append(f"{key} >= {level:<5} first seen at evaluation of {seen}")
     lines.append(f"phase-transition signals: {len(monitor.transitions) or 'none raised'}")
     for transition in monitor.transitions:

@@ -439,6 +439,14 @@ class ENTKMonitor(Callback):
 
     # ----------------------------------------------------------------------------------------
 
+    def first_epoch_reaching(self, level: float) -> int | None:
+        """Completed epochs at the first evaluation at which the watched metric
+        (``accuracy_key``) was at least ``level``; ``None`` if none was."""
+        return next(
+            (r.epoch for r in self.history if r.metrics.get(self.accuracy_key, -math.inf) >= level),
+            None,
+        )
+
     def summary_figure(self):
         """The spectrum's evolution over the evaluations so far, cliffs and accuracy alongside."""
         epochs = np.array([r.epoch for r in self.history])

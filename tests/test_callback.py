@@ -113,6 +113,11 @@ def test_monitor_logs_scalars_to_callback_metrics_and_history(tmp_path):
     assert monitor.probe is not None and len(monitor.probe) == 96
     assert int(monitor.probe.heldout.sum()) == 24  # the validation points
     assert "val_acc" in monitor.history[-1].metrics
+    accuracy = [r.metrics.get("val_acc") for r in monitor.history]
+    assert accuracy[0] is None  # before training, no val_acc yet
+    reached = [r.epoch for r in monitor.history[1:] if r.metrics["val_acc"] >= accuracy[-1]]
+    assert monitor.first_epoch_reaching(accuracy[-1]) == reached[0]
+    assert monitor.first_epoch_reaching(1.01) is None
 
 
 def test_monitor_uses_an_explicit_probe_set(tmp_path):
