@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -55,11 +56,13 @@ class ENTKMonitor(Callback):
     Scalars go through ``pl_module.log`` under ``entk/`` (so every logger, the progress bar and
     ``trainer.callback_metrics`` see them; see :mod:`lightning_entk.evaluation` for the keys).
     With a :class:`~lightning.pytorch.loggers.TensorBoardLogger` the monitor also adds a
-    histogram of log10 eigenvalues, images of the spectrum with its cliffs, of the spectrum's
-    evolution beside accuracy, and of feature alignment when the LightningModule exposes ground
-    truth (a method ``entk_ground_truth(x, mode) -> dict[str, Tensor]`` giving, per feature family,
-    an ``(R, F)`` matrix over the probe's kernel rows; set ``entk_feature_pairs = True`` on the
-    module when consecutive columns are cos/sin pairs of one frequency). At the end of fit the
+    Custom Scalars layout (:func:`tensorboard_layout`: accuracy beside kernel regression, and
+    the cliffs), a histogram of log10 eigenvalues, images of the spectrum with its cliffs, of
+    the spectrum's evolution beside accuracy, and of feature alignment when the LightningModule
+    exposes ground truth (a method ``entk_ground_truth(x, mode) -> dict[str, Tensor]`` giving,
+    per feature family, an ``(R, F)`` matrix over the probe's kernel rows; set
+    ``entk_feature_pairs = True`` on the module when consecutive columns are cos/sin pairs of
+    one frequency). At the end of fit the
     evolution figure is saved as ``entk_summary.png`` in the logger's directory (with no logger,
     draw it with :meth:`summary_figure`).
 
@@ -197,6 +200,9 @@ class ENTKMonitor(Callback):
         if callable(ground_truth):
             self._features = dict(ground_truth(self.probe.x.to(pl_module.device), self.mode))
             self._feature_pairs = bool(getattr(pl_module, "entk_feature_pairs", False))
+        tensorboard = _tensorboard(trainer)
+        if tensorboard is not None and trainer.is_global_zero:
+            tensorboard.experiment.add_custom_scalars(tensorboard_layout(self.accuracy_key))
         if not self.history:  # not resumed: the kernel at initialization
             self._run_evaluation(trainer, pl_module, when="start")
 
@@ -507,6 +513,32 @@ def assemble_row_blocks(blocks: Tensor, n: int, outputs: int) -> Tensor:
     share = blocks.shape[1] // outputs
     by_class = blocks.reshape(world, outputs, share, columns).transpose(0, 1)
     return by_class.reshape(outputs, world * share, columns)[:, :n].reshape(outputs * n, columns)
+
+
+def tensorboard_layout(accuracy_key: str | None) -> dict:
+    """TensorBoard's Custom Scalars layout of the monitor's charts: the network's accuracy
+    (``accuracy_key``) and eNTK kernel regression in one chart, then the cliffs, the top
+    eigenvalues, and alignment and velocity. Tags are regular expressions (matched from the
+    start of a tag, as TensorBoard does)."""
+    accuracy = [f"{re.escape(accuracy_key)}$"] if accuracy_key else []
+    return {
+        "eNTK monitor": {
+            "accuracy: network and eNTK kernel regression": [
+                "Multiline",
+                [*accuracy, r"entk/kernel_regression_acc$"],
+            ],
+            "cliffs found and phase-transition signals so far": [
+                "Multiline",
+                [r"entk/num_cliffs$", r"entk/transitions$"],
+            ],
+            "cliff ranks (eigenvalues above each cliff)": ["Multiline", [r"entk/cliff_rank/\d+$"]],
+            "top eigenvalues": ["Multiline", [r"entk/eigenvalue/top\d+$"]],
+            "kernel-target alignment and kernel velocity": [
+                "Multiline",
+                [r"entk/kernel_target_alignment$", r"entk/kernel_velocity$"],
+            ],
+        }
+    }
 
 
 def _tensorboard(trainer: Trainer) -> TensorBoardLogger | None:

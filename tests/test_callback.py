@@ -1,5 +1,6 @@
 import copy
 import multiprocessing.util
+import re
 import warnings
 
 import lightning as L
@@ -10,6 +11,7 @@ from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -234,6 +236,26 @@ def test_monitor_tensorboard_events_and_summary(tmp_path):
     assert "entk/log10_eigenvalues" in events.Tags()["histograms"]
     assert (tmp_path / "run" / "version_0" / "entk_summary.png").stat().st_size > 10_000
     assert len(events.Scalars("entk/num_cliffs")) == 4  # initialization + 3 epochs
+
+    # The Custom Scalars layout: every chart draws logged tags; accuracy beside kernel regression
+    config = EventAccumulator(logger.log_dir, size_guidance={"tensors": 0})
+    config.Reload()
+    (written,) = config.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(written.tensor_proto.string_val[0])
+    charts = {chart.title: chart.multiline.tag for chart in layout.category[0].chart}
+    cliff_ranks = "cliff ranks (eigenvalues above each cliff)"
+    for title, patterns in charts.items():
+        if title == cliff_ranks and not any(r.cliffs for r in monitor.history):
+            continue  # no cliff in this run, so no cliff_rank tag
+        for pattern in patterns:
+            assert any(re.match(pattern, tag) for tag in scalars), (title, pattern)
+    (rank_pattern,) = charts[cliff_ranks]
+    assert re.match(rank_pattern, "entk/cliff_rank/12") and not re.match(
+        rank_pattern, "entk/cliff_drop/1"
+    )
+    accuracy_chart = charts["accuracy: network and eNTK kernel regression"]
+    drawn = {tag for tag in scalars if any(re.match(p, tag) for p in accuracy_chart)}
+    assert drawn == {"val_acc", "entk/kernel_regression_acc"}
 
 
 def test_monitor_state_dict_round_trip():
