@@ -7,7 +7,7 @@ The functional core (kernel, spectrum, cliffs, alignment) needs only torch, nump
 from lightning_entk.alignment import feature_alignment, subspace_overlap, symmetry_rotation
 from lightning_entk.cliffs import Cliff, find_cliffs
 from lightning_entk.early_warning import EarlyWarning, PhaseTransition
-from lightning_entk.kernel import NTKMethod, empirical_ntk
+from lightning_entk.kernel import NTKMethod, empirical_ntk, ntk_plan
 from lightning_entk.probe import ProbeSet
 from lightning_entk.spectrum import Spectrum, ntk_spectrum
 
@@ -22,6 +22,7 @@ __all__ = [
     "empirical_ntk",
     "feature_alignment",
     "find_cliffs",
+    "ntk_plan",
     "ntk_spectrum",
     "subspace_overlap",
     "symmetry_rotation",

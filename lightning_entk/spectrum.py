@@ -181,7 +181,7 @@ def ntk_spectrum(
     if route == "matrix_free" and k >= rows:
         raise ValueError(f"route='matrix_free' needs `k` < {rows} (the kernel's rows), got {k}.")
     if route == "auto":
-        itemsize = jac.blocks[0].g.element_size()
+        itemsize = torch.empty((), dtype=jac.dtype).element_size()
         route = choose_route(
             rows, columns, k, itemsize, memory_budget, parameters=jac.num_parameters
         )
@@ -346,8 +346,8 @@ def _parameter_route(jac: Jacobian, mode: str, k: int, eigenvectors: bool) -> Sp
 
 def _matrix_free_route(jac: Jacobian, mode: str, k: int, eigenvectors: bool) -> Spectrum:
     rows = jac.num_points * (jac.num_outputs if mode == "flatten" else 1)
-    dtype = jac.blocks[0].g.dtype
-    device = jac.blocks[0].g.device
+    dtype = jac.dtype
+    device = jac.device
 
     def matvec(v: np.ndarray) -> np.ndarray:
         v = torch.as_tensor(np.ascontiguousarray(v).reshape(-1), dtype=dtype, device=device)

@@ -108,12 +108,13 @@ class FunctionalReuse(nn.Module):
 
 
 class DictOutput(nn.Module):
-    def __init__(self):
+    def __init__(self, key="logits"):
         super().__init__()
         self.lin = nn.Linear(4, 3)
+        self.key = key
 
     def forward(self, x):
-        return {"logits": self.lin(x), "aux": x.sum()}
+        return {self.key: self.lin(x), "aux": x.sum()}
 
 
 class TiedTransposed(nn.Module):
@@ -306,7 +307,7 @@ def test_empirical_ntk_invalid_inputs():
     with pytest.raises(ValueError, match="output_fn"):
         empirical_ntk(nn.Linear(5, 3), torch.randn(4, 2, 5))
     with pytest.raises(ValueError, match="output_fn"):
-        empirical_ntk(DictOutput(), torch.randn(4, 4))
+        empirical_ntk(DictOutput(key="hidden"), torch.randn(4, 4))
     with pytest.raises(ValueError, match="selects no parameter"):
         empirical_ntk(model, x, params=lambda n, p: False)
     with pytest.raises(ValueError, match="does not have"):

@@ -1,0 +1,305 @@
+"""The Jacobian held as blocks, and the kernel contracted from them.
+
+A :class:`FactorBlock` holds the uses of one parameter that share a layout (see
+:mod:`~lightning_entk.kernel.rules`) as factors: inputs ``a`` (N, T, H, A), or token ids
+(N, T), and output gradients ``g`` (N, T, C, H, B), with per-example Jacobian
+
+    J[n, c, h] = sum_t g[n, t, c, h] (x) a[n, t, h]        (a B x A matrix per head)
+
+Its share of the kernel is, per pair of points, a sum over all pairs of positions (and so over
+all pairs of uses) of the product of two Grams::
+
+    K[n, m, i, j] = sum_{h, t, s} (a[n, t, h] . a'[m, s, h]) (g[n, t, i, h] . g'[m, s, j, h])
+
+or, when that is cheaper, the per-example Jacobians are formed and contracted. A
+:class:`ColumnBlock` is a parameter whose Jacobian is formed column range by column range
+(from the factors of uses with different layouts, or by ``torch.func`` for a parameter no rule
+covers), so that its memory stays within a budget whatever N, C and P are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# Rows per block of a symmetric Gram product: large enough for efficient matrix products.
+_GRAM_ROWS = 256
+
+
+def gram(x: Tensor, y: Tensor, symmetric: bool) -> Tensor:
+    """``x @ y.T``. With ``symmetric`` (``y`` holds the same rows as ``x``) and rows long
+    enough that multiplying costs more than mirroring, only the blocks on and above the
+    diagonal are multiplied and the rest mirrored: ~half the flops."""
+    n, width = x.shape
+    if not symmetric or n < 2 * _GRAM_ROWS or width < _GRAM_ROWS:
+        return x @ y.T
+    out = x.new_empty(n, n)
+    for lo in range(0, n, _GRAM_ROWS):
+        hi = lo + _GRAM_ROWS
+        out[lo:hi, lo:] = x[lo:hi] @ x[lo:].T
+        out[hi:, lo:hi] = out[lo:hi, hi:].T
+    return out
+
+
+def contract(j1: Tensor, j2: Tensor, mode: str, symmetric: bool) -> Tensor:
+    """The kernel of per-example Jacobians ``(N1, C, P)`` and ``(N2, C, P)`` in ``full``,
+    ``trace`` or ``diagonal`` layout."""
+    n1, c, p = j1.shape
+    n2 = j2.shape[0]
+    if mode == "trace":
+        return gram(j1.reshape(n1, c * p), j2.reshape(n2, c * p), symmetric)
+    if mode == "diagonal":
+        return torch.bmm(j1.transpose(0, 1), j2.permute(1, 2, 0)).permute(1, 2, 0)
+    k = gram(j1.reshape(n1 * c, p), j2.reshape(n2 * c, p), symmetric)
+    return k.reshape(n1, c, n2, c).transpose(1, 2)
+
+
+@dataclass
+class FactorBlock:
+    """Uses of one parameter with one layout, as factors (see the module docstring)."""
+
+    g: Tensor  # (N, T, C, H, B)
+    a: Tensor | None = None  # (N, T, H, A); None with tokens, or for a shift (A = 1)
+    tokens: Tensor | None = None  # (N, T) ids, one-hot over A; negative ids contribute nothing
+    inputs: int = 1  # A
+
+    @property
+    def size(self) -> int:
+        """Parameters in the block, H B A."""
+        return self.g.shape[3] * self.g.shape[4] * self.inputs
+
+    def _a(self) -> Tensor:
+        """``a`` as a dense (N, T, H, A) array (ones for a shift, one-hot for tokens)."""
+        if self.a is not None:
+            return self.a
+        n, t, _, h, _ = self.g.shape
+        if self.tokens is None:
+            return self.g.new_ones(n, t, h, 1)
+        onehot = self.g.new_zeros(n, t, self.inputs + 1)
+        onehot.scatter_(2, torch.where(self.tokens < 0, self.inputs, self.tokens)[..., None], 1)
+        return onehot[..., None, : self.inputs]
+
+    def _input_gram(self, other: FactorBlock) -> Tensor:
+        """(H, N1 T1, N2 T2) Gram of the inputs, per head."""
+        n1, t1, _, h, _ = self.g.shape
+        n2, t2 = other.g.shape[:2]
+        if self.tokens is not None and other.tokens is not None:
+            u, v = self.tokens.reshape(-1), other.tokens.reshape(-1)
+            return ((u[:, None] == v[None, :]) & (u[:, None] >= 0)).to(self.g.dtype)[None]
+        if self.a is None and self.tokens is None:
+            return self.g.new_ones(1, 1, 1).expand(h, n1 * t1, n2 * t2)
+        a1 = self._a().reshape(n1 * t1, h, -1)
+        a2 = other._a().reshape(n2 * t2, h, -1)
+        if h == 1:
+            return gram(a1[:, 0], a2[:, 0], symmetric=other is self)[None]
+        return torch.bmm(a1.transpose(0, 1), a2.permute(1, 2, 0))
+
+    def _materialize_cheaper(self, other: FactorBlock, classes_paired: int) -> bool:
+        """Whether forming per-example Jacobians beats the Grams of the factors."""
+        t1, t2 = self.g.shape[1], other.g.shape[1]
+        h, b = self.g.shape[3], self.g.shape[4]
+        if t1 * t2 * h == 1 and self.tokens is None:
+            return False
+        grams = h * t1 * t2 * (self.inputs + classes_paired * b)
+        dense = classes_paired * self.size + (t1 + t2) * self.size
+        fits = self.g.shape[0] * self.g.shape[2] * self.size <= 2**27
+        return fits and dense < grams
+
+    def materialized(self) -> Tensor:
+        """Per-example Jacobians (N, C, P_b), in the (H, B, A) order of the layout."""
+        n, _, c, h, b = self.g.shape
+        if self.tokens is not None:
+            jac = self.g.new_zeros(n, self.inputs + 1, c, h, b)
+            index = torch.where(self.tokens < 0, self.inputs, self.tokens)
+            jac.scatter_add_(1, index[..., None, None, None].expand_as(self.g), self.g)
+            return jac[:, : self.inputs].permute(0, 2, 3, 4, 1).reshape(n, c, -1)
+        return torch.einsum("ntchb,ntha->nchba", self.g, self._a()).reshape(n, c, -1)
+
+    def kernel(self, other: FactorBlock, mode: str) -> Tensor:
+        """This block's share of the kernel, in ``full`` (N1, N2, C, C), ``trace`` (N1, N2)
+        or ``diagonal`` (N1, N2, C) layout."""
+        symmetric = other is self
+        if self._materialize_cheaper(other, self.g.shape[2] if mode == "full" else 1):
+            mine = self.materialized()
+            return contract(mine, mine if symmetric else other.materialized(), mode, symmetric)
+        n1, t1, c, h, b = self.g.shape
+        n2, t2 = other.g.shape[:2]
+        k_in = self._input_gram(other)  # (H, N1 T1, N2 T2)
+        g1 = self.g.reshape(n1 * t1, c, h, b)
+        g2 = other.g.reshape(n2 * t2, c, h, b)
+        if mode == "trace":
+            if h == 1:
+                k = gram(g1.reshape(n1 * t1, -1), g2.reshape(n2 * t2, -1), symmetric)
+                k = k.mul_(k_in[0]) if self.a is not None or self.tokens is not None else k
+            else:
+                k_out = torch.bmm(
+                    g1.permute(2, 0, 1, 3).reshape(h, n1 * t1, c * b),
+                    g2.permute(2, 1, 3, 0).reshape(h, c * b, n2 * t2),
+                )
+                k = (k_out * k_in).sum(0)
+            return k if t1 == t2 == 1 else k.reshape(n1, t1, n2, t2).sum(dim=(1, 3))
+        k_in = k_in.reshape(h, n1, t1, n2, t2)
+        if mode == "diagonal":
+            k_out = torch.bmm(
+                g1.permute(1, 2, 0, 3).reshape(c * h, n1 * t1, b),
+                g2.permute(1, 2, 3, 0).reshape(c * h, b, n2 * t2),
+            ).reshape(c, h, n1, t1, n2, t2)
+            return torch.einsum("hntms,chntms->nmc", k_in, k_out)
+        k_out = torch.bmm(
+            g1.permute(2, 0, 1, 3).reshape(h, n1 * t1 * c, b),
+            g2.permute(2, 3, 0, 1).reshape(h, b, n2 * t2 * c),
+        ).reshape(h, n1, t1, c, n2, t2, c)
+        return torch.einsum("hntms,hntimsj->nmij", k_in, k_out)
+
+    def output_slice(self, lo: int, hi: int) -> FactorBlock:
+        """The block restricted to outputs ``lo:hi`` (views, no copy)."""
+        return FactorBlock(self.g[:, :, lo:hi], self.a, self.tokens, self.inputs)
+
+    def vjp(self, v: Tensor, per_output: bool) -> Tensor:
+        """``sum_n v[n, c] J[n, c]``: shape (P_b,), or (C, P_b) kept per output."""
+        out = "c" if per_output else ""
+        res = torch.einsum(f"ntchb,nc,ntha->{out}hba", self.g, v, self._a())
+        return res.reshape(*res.shape[: 1 if per_output else 0], -1)
+
+    def jvp(self, u: Tensor, per_output: bool) -> Tensor:
+        """``J[n, c] . u`` (or ``. u[c]`` when ``per_output``): shape (N, C)."""
+        h, b = self.g.shape[3:]
+        out = "c" if per_output else ""
+        u = u.reshape(*u.shape[:-1], h, b, self.inputs)
+        return torch.einsum(f"ntchb,{out}hba,ntha->nc", self.g, u, self._a())
+
+
+@dataclass
+class ColumnBlock:
+    """A parameter group whose per-example Jacobian ``(N, C, P_b)`` is formed a range of
+    columns at a time by ``columns(lo, hi)``, each range within ``column_bytes``."""
+
+    columns: Callable[[int, int], Tensor]
+    size: int
+    num_points: int
+    num_outputs: int
+    itemsize: int
+    column_bytes: int
+    output_range: tuple[int, int] | None = None
+
+    def _ranges(self, other_points: int = 0) -> list[tuple[int, int]]:
+        per_column = (self.num_points + other_points) * self.num_outputs * self.itemsize
+        width = max(1, self.column_bytes // max(per_column, 1))
+        return [(lo, min(lo + width, self.size)) for lo in range(0, self.size, width)]
+
+    def _part(self, lo: int, hi: int) -> Tensor:
+        cols = self.columns(lo, hi)
+        if self.output_range is not None:
+            cols = cols[:, self.output_range[0] : self.output_range[1]]
+        return cols
+
+    def kernel(self, other: ColumnBlock, mode: str) -> Tensor:
+        symmetric = other is self
+        total = None
+        for lo, hi in self._ranges(0 if symmetric else other.num_points):
+            mine = self._part(lo, hi)
+            part = contract(mine, mine if symmetric else other._part(lo, hi), mode, symmetric)
+            total = part if total is None else total.add_(part)
+        return total
+
+    def materialized(self) -> Tensor:
+        return self._part(0, self.size)
+
+    def output_slice(self, lo: int, hi: int) -> ColumnBlock:
+        start = 0 if self.output_range is None else self.output_range[0]
+        return ColumnBlock(
+            self.columns, self.size, self.num_points, hi - lo, self.itemsize,
+            self.column_bytes, (start + lo, start + hi),
+        )  # fmt: skip
+
+    def vjp(self, v: Tensor, per_output: bool) -> Tensor:
+        parts = [
+            torch.einsum("ncp,nc->cp" if per_output else "ncp,nc->p", self._part(lo, hi), v)
+            for lo, hi in self._ranges()
+        ]
+        return torch.cat(parts, dim=-1)
+
+    def jvp(self, u: Tensor, per_output: bool) -> Tensor:
+        total = 0
+        for lo, hi in self._ranges():
+            spec = "ncp,cp->nc" if per_output else "ncp,p->nc"
+            total = total + torch.einsum(spec, self._part(lo, hi), u[..., lo:hi])
+        return total
+
+
+Block = FactorBlock | ColumnBlock
+
+
+@dataclass
+class Jacobian:
+    """The Jacobian of a model on N points, held as blocks; never an N C P array unless a
+    caller asks for :meth:`materialized`."""
+
+    blocks: list[Block]
+    num_points: int
+    num_outputs: int
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(b.size for b in self.blocks)
+
+    def kernel(self, other: Jacobian, mode: str) -> Tensor:
+        """``J J'^T`` in the layout of ``mode`` (see the package docstring). With ``other``
+        this same Jacobian, only half of each symmetric Gram product is computed."""
+        reduced = "full" if mode == "flatten" else mode
+        k = None
+        for b1, b2 in zip(self.blocks, other.blocks, strict=True):
+            part = b1.kernel(b2, reduced)
+            k = part if k is None else k.add_(part)
+        if k is None:
+            n1, n2, c = self.num_points, other.num_points, self.num_outputs
+            shape = {"trace": (n1, n2), "diagonal": (n1, n2, c)}.get(reduced, (n1, n2, c, c))
+            k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        if mode != "flatten":
+            return k
+        n1, n2, c, _ = k.shape
+        return k.permute(2, 0, 3, 1).reshape(c * n1, c * n2)
+
+    def kernel_matvec(self, v: Tensor, mode: str) -> Tensor:
+        """``K v = J (J^T v)`` without forming K, for ``v`` in data space: (N,) for ``trace``,
+        (C*N,) class-major for ``flatten``. Beyond the factors it holds about P numbers: in
+        ``trace`` mode, where ``J^T v`` has C P entries, outputs are taken in groups of at
+        most P entries."""
+        n, c = self.num_points, self.num_outputs
+        if mode == "flatten":
+            vc = v.reshape(c, n).T
+            return self.jvp(self.vjp(vc, per_output=False), per_output=False).T.reshape(-1)
+        out = v.new_zeros(n)
+        for block in self.blocks:
+            step = max(1, self.num_parameters // max(block.size, 1))
+            for lo in range(0, c, step):
+                part = block.output_slice(lo, min(lo + step, c))
+                width = min(lo + step, c) - lo
+                vc = v[:, None].expand(n, width)
+                out += part.jvp(part.vjp(vc, per_output=True), per_output=True).sum(dim=1)
+        return out
+
+    def materialized(self) -> Tensor:
+        """All per-example Jacobians, (N, C, P), written block by block into one array."""
+        full = torch.empty(
+            self.num_points, self.num_outputs, self.num_parameters, dtype=self.dtype,
+            device=self.device,
+        )  # fmt: skip
+        start = 0
+        for block in self.blocks:
+            full[:, :, start : start + block.size] = block.materialized()
+            start += block.size
+        return full
+
+    def vjp(self, v: Tensor, per_output: bool) -> list[Tensor]:
+        """``J^T v`` for ``v`` of shape (N, C), block by block."""
+        return [b.vjp(v, per_output) for b in self.blocks]
+
+    def jvp(self, u: list[Tensor], per_output: bool) -> Tensor:
+        """``J u`` for ``u`` as returned by :meth:`vjp`: shape (N, C)."""
+        return sum(b.jvp(ub, per_output) for b, ub in zip(self.blocks, u, strict=True))

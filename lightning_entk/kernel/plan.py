@@ -1,0 +1,170 @@
+"""Planning: the route each parameter takes, and what an evaluation will cost, before running.
+
+:func:`ntk_plan` runs discovery only (one forward pass of one point) and predicts, per
+parameter, the arithmetic and the memory of its share; the totals add the capture passes and
+the kernel itself. Times are predicted from one measured matrix product on the device (its
+flop rate) and one measured forward pass, so they are estimates to within a small factor; the
+memory is counted array by array.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lightning_entk.kernel.context import (
+    NTKContext,
+    NTKMethod,
+    ParamSelection,
+    ntk_context,
+)
+from lightning_entk.kernel.points import ForwardFn, OutputFn, Points, num_points
+
+
+@dataclass(frozen=True)
+class ParameterRoute:
+    """One parameter's route: ``structured`` (factors, Gram products), ``columns`` (several
+    layouts: Jacobian columns formed from factors) or ``generic`` (``torch.func``), with the
+    operations that use it, its factor sizes T, H, B, A and its predicted cost."""
+
+    name: str
+    shape: tuple[int, ...]
+    route: str
+    uses: int
+    detail: str
+    flops: float
+    bytes: int
+
+
+@dataclass(frozen=True)
+class NTKPlan:
+    """What :func:`~lightning_entk.empirical_ntk` will do on these points, before it runs."""
+
+    parameters: list[ParameterRoute]
+    num_points: int
+    num_outputs: int
+    mode: str
+    predicted_seconds: float
+    predicted_peak_bytes: int
+    per_point: bool
+
+    def routes(self) -> dict[str, str]:
+        """Parameter name -> route."""
+        return {p.name: p.route for p in self.parameters}
+
+    def __str__(self) -> str:
+        width = max([len(p.name) for p in self.parameters] + [9])
+        lines = [
+            f"eNTK plan: N={self.num_points}, C={self.num_outputs}, mode={self.mode!r}; "
+            f"predicted {self.predicted_seconds:.2g} s, peak {self.predicted_peak_bytes / 2**20:.0f}"
+            " MiB" + (" (one point at a time: vmap could not batch the model)" if self.per_point else ""),
+            f"{'parameter':<{width}}  {'shape':<16} {'route':<10} {'uses':>4}  detail",
+        ]  # fmt: skip
+        for p in self.parameters:
+            shape = "x".join(map(str, p.shape)) or "scalar"
+            lines.append(f"{p.name:<{width}}  {shape:<16} {p.route:<10} {p.uses:>4}  {p.detail}")
+        return "\n".join(lines)
+
+
+def ntk_plan(
+    model: nn.Module,
+    x1: Points,
+    x2: Points | None = None,
+    *,
+    mode: str = "trace",
+    params: ParamSelection = None,
+    output_fn: OutputFn = None,
+    output_weights: Tensor | None = None,
+    method: str | NTKMethod = "auto",
+    batch_size: int = 256,
+    output_projections: int | Tensor | None = None,
+    forward_fn: ForwardFn = None,
+    memory_budget: int | None = None,
+) -> NTKPlan:
+    """The route of every counted parameter and the predicted time and peak memory of
+    :func:`~lightning_entk.empirical_ntk` with the same arguments.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
+        >>> plan = ntk_plan(model, torch.randn(5, 3))
+        >>> plan.routes()
+        {'0.weight': 'structured', '0.bias': 'structured', '2.weight': 'structured', '2.bias': 'structured'}
+    """
+    with ntk_context(
+        model, x1, x2, params, output_fn, output_weights, method, batch_size,
+        output_projections=output_projections, forward_fn=forward_fn, memory_budget=memory_budget,
+    ) as ctx:  # fmt: skip
+        start = time.perf_counter()
+        structure = ctx.structure(ctx.x1)
+        forward_seconds = time.perf_counter() - start
+        c = _outputs(ctx)
+        n1 = num_points(ctx.x1)
+        n2 = n1 if ctx.x2 is None else num_points(ctx.x2)
+        return _predict(ctx, structure, mode, c, n1, n2, forward_seconds)
+
+
+def _outputs(ctx: NTKContext) -> int:
+    ctx._resolve_projection(ctx.x1)
+    return ctx._num_outputs(ctx.x1)
+
+
+def _predict(ctx, structure, mode, c, n1, n2, forward_seconds) -> NTKPlan:
+    itemsize = torch.empty((), dtype=ctx.dtype).element_size()
+    paired = c if mode in ("full", "flatten") else 1
+    n = n1 + (0 if ctx.x2 is None else n2)
+    rows, flops_total, factor_bytes = [], 0.0, 0
+    by_param: dict[str, list] = {}
+    for use in structure.uses:
+        by_param.setdefault(use.param, []).append(use)
+    for name in ctx.names:
+        shape = tuple(ctx.params[name].shape)
+        size = ctx.params[name].numel()
+        if name in structure.generic:
+            flops = 2.0 * n1 * n2 * c * paired * size
+            rows.append(
+                ParameterRoute(name, shape, "generic", 0, structure.generic[name], flops, 0)
+            )
+        else:
+            uses = by_param[name]
+            t = sum(u.positions for u in uses)
+            h, b, a = uses[0].layout.shape
+            same = all(u.layout.shape == uses[0].layout.shape for u in uses)
+            grams = 2.0 * n1 * n2 * h * t * t * (a + paired * b)
+            dense = 2.0 * n1 * n2 * paired * size + 2.0 * n * t * c * size
+            flops = min(grams, dense)
+            held = n * t * (c * h * b + h * a) * itemsize
+            route = "structured" if same else "columns"
+            detail = f"T={t} H={h} B={b} A={a}" + ("" if same else " (several layouts)")
+            rows.append(ParameterRoute(name, shape, route, len(uses), detail, flops, held))
+            factor_bytes += held
+        flops_total += rows[-1].flops
+    kernel_bytes = n1 * n2 * itemsize * (paired if mode == "trace" else paired * paired) * 2
+    capture_bytes = ctx.memory_budget // 4 if structure.uses else 0
+    generic_bytes = ctx.memory_budget // 4 if structure.generic else 0
+    peak = factor_bytes + kernel_bytes + max(capture_bytes, generic_bytes)
+    passes = n * c * (2 if structure.per_point else 0.05)  # batched passes cost far less
+    seconds = flops_total / _flop_rate(ctx.dtype, ctx.device) + passes * forward_seconds
+    return NTKPlan(rows, n1, c, mode, seconds, int(peak), structure.per_point)
+
+
+_RATES: dict[tuple, float] = {}
+
+
+def _flop_rate(dtype: torch.dtype, device: torch.device) -> float:
+    """Flops per second of a 512^3 matrix product on ``device``, measured once."""
+    key = (dtype, str(device))
+    if key not in _RATES:
+        a = torch.randn(512, 512, dtype=dtype, device=device)
+        a @ a
+        start = time.perf_counter()
+        for _ in range(3):
+            a @ a
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        _RATES[key] = 3 * 2 * 512**3 / max(time.perf_counter() - start, 1e-9)
+    return _RATES[key]

@@ -1,0 +1,303 @@
+"""Small models written in plain torch the way they are commonly written: raw parameters and
+``einsum``, ``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer``, GPT-2's ``Conv1D``,
+hand-written norms, keyword inputs and output objects. Tiny on purpose (widths 4-16,
+sequences 3-5, vocabularies <= 13) so that a brute-force float64 kernel stays fast.
+Initialisation draws from the global RNG: seed it with ``torch.manual_seed`` before building.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class RawMLP(nn.Module):
+    """Raw ``nn.Parameter`` weights and an ``x**2`` activation, as in the modular-arithmetic
+    grokking papers: ``((x W1^T + b1) ** 2) W2^T / hidden``."""
+
+    def __init__(self, in_features: int = 6, hidden: int = 8, out_features: int = 4):
+        super().__init__()
+        self.hidden = hidden
+        self.W1 = nn.Parameter(torch.randn(hidden, in_features) / math.sqrt(in_features))
+        self.b1 = nn.Parameter(torch.randn(hidden) * 0.1)
+        self.W2 = nn.Parameter(torch.randn(out_features, hidden) / math.sqrt(hidden))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ((x @ self.W1.T + self.b1) ** 2) @ self.W2.T / self.hidden
+
+
+class RawTransformer(nn.Module):
+    """A one-layer TransformerLens-style transformer without LayerNorm: raw ``W_E``, ``W_pos``,
+    per-head ``W_Q``/``W_K``/``W_V``/``W_O`` contracted with ``einsum``, identity hook points on
+    the activations, logits at the last position (or at every position, as TransformerLens
+    returns them, with ``all_positions=True``)."""
+
+    def __init__(
+        self,
+        vocab: int = 13,
+        d_model: int = 8,
+        n_heads: int = 2,
+        d_head: int = 4,
+        d_mlp: int = 16,
+        max_len: int = 5,
+        vocab_out: int | None = None,
+        causal: bool = False,
+        tied: bool = False,
+        all_positions: bool = False,
+    ):
+        super().__init__()
+        self.causal, self.tied, self.all_positions = causal, tied, all_positions
+        self.d_head = d_head
+        vocab_out = vocab if tied or vocab_out is None else vocab_out
+        self.W_E = nn.Parameter(torch.randn(vocab, d_model) / math.sqrt(d_model))
+        self.W_pos = nn.Parameter(torch.randn(max_len, d_model) / math.sqrt(d_model))
+        self.W_Q = nn.Parameter(torch.randn(n_heads, d_model, d_head) / math.sqrt(d_model))
+        self.W_K = nn.Parameter(torch.randn(n_heads, d_model, d_head) / math.sqrt(d_model))
+        self.W_V = nn.Parameter(torch.randn(n_heads, d_model, d_head) / math.sqrt(d_model))
+        self.W_O = nn.Parameter(torch.randn(n_heads, d_head, d_model) / math.sqrt(d_head))
+        self.W_in = nn.Parameter(torch.randn(d_model, d_mlp) / math.sqrt(d_model))
+        self.b_in = nn.Parameter(torch.randn(d_mlp) * 0.1)
+        self.W_out = nn.Parameter(torch.randn(d_mlp, d_model) / math.sqrt(d_mlp))
+        if not tied:
+            self.W_U = nn.Parameter(torch.randn(d_model, vocab_out) / math.sqrt(d_model))
+        self.hook_q, self.hook_k, self.hook_v = nn.Identity(), nn.Identity(), nn.Identity()
+        self.hook_pattern = nn.Identity()
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        T = tokens.shape[-1]
+        x = self.W_E[tokens] + self.W_pos[:T]
+        q = self.hook_q(torch.einsum("bpd,hde->bphe", x, self.W_Q))
+        k = self.hook_k(torch.einsum("bpd,hde->bphe", x, self.W_K))
+        v = self.hook_v(torch.einsum("bpd,hde->bphe", x, self.W_V))
+        scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / math.sqrt(self.d_head)
+        if self.causal:
+            mask = torch.triu(torch.ones(T, T, dtype=torch.bool, device=tokens.device), 1)
+            scores = scores.masked_fill(mask, float("-inf"))
+        pattern = self.hook_pattern(scores.softmax(dim=-1))
+        z = torch.einsum("bhqk,bkhe->bqhe", pattern, v)
+        x = x + torch.einsum("bqhe,hed->bqd", z, self.W_O)
+        x = x + F.relu(x @ self.W_in + self.b_in) @ self.W_out
+        h = x if self.all_positions else x[:, -1]
+        return h @ self.W_E.T if self.tied else h @ self.W_U
+
+
+class MHAClassifier(nn.Module):
+    """``nn.Embedding`` and ``nn.MultiheadAttention(batch_first=True)`` self-attention, with a
+    ``key_padding_mask`` from the pad token (``mask="padding"``) or a causal ``attn_mask``
+    (``mask="causal"``), mean-pooled into an ``nn.Linear`` head."""
+
+    def __init__(
+        self,
+        vocab: int = 11,
+        embed_dim: int = 8,
+        num_heads: int = 2,
+        num_classes: int = 3,
+        mask: str | None = None,
+        pad_idx: int = 0,
+    ):
+        super().__init__()
+        if mask not in (None, "padding", "causal"):
+            raise ValueError(f"`mask` must be None, 'padding' or 'causal', got {mask!r}.")
+        self.mask, self.pad_idx = mask, pad_idx
+        self.embed = nn.Embedding(vocab, embed_dim)
+        self.attn = nn.MultiheadAttention(embed_dim, num_heads, batch_first=True)
+        self.head = nn.Linear(embed_dim, num_classes)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        x = self.embed(tokens)
+        T = tokens.shape[1]
+        if self.mask == "padding":
+            padding = tokens == self.pad_idx
+            h, _ = self.attn(x, x, x, key_padding_mask=padding, need_weights=False)
+            keep = (~padding).unsqueeze(-1).to(h.dtype)
+            pooled = (h * keep).sum(1) / keep.sum(1).clamp(min=1)
+        else:
+            causal = None
+            if self.mask == "causal":
+                causal = torch.triu(torch.ones(T, T, dtype=torch.bool, device=x.device), 1)
+            h, _ = self.attn(x, x, x, attn_mask=causal, need_weights=False)
+            pooled = h.mean(dim=1)
+        return self.head(pooled)
+
+
+class EncoderClassifier(nn.Module):
+    """``nn.Embedding`` plus a learned positional ``nn.Parameter``, one
+    ``nn.TransformerEncoderLayer(batch_first=True)`` and an ``nn.Linear`` head on position 0
+    (``pool="first"``, BERT's [CLS]) or on the mean over positions (``pool="mean"``)."""
+
+    def __init__(
+        self,
+        vocab: int = 11,
+        d_model: int = 8,
+        nhead: int = 2,
+        dim_feedforward: int = 16,
+        max_len: int = 5,
+        num_classes: int = 3,
+        pool: str = "first",
+    ):
+        super().__init__()
+        if pool not in ("first", "mean"):
+            raise ValueError(f"`pool` must be 'first' or 'mean', got {pool!r}.")
+        self.pool = pool
+        self.embed = nn.Embedding(vocab, d_model)
+        self.pos = nn.Parameter(torch.randn(1, max_len, d_model) * 0.1)
+        self.encoder = nn.TransformerEncoderLayer(
+            d_model, nhead, dim_feedforward, dropout=0.0, batch_first=True
+        )
+        self.head = nn.Linear(d_model, num_classes)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        x = self.embed(tokens) + self.pos[:, : tokens.shape[1]]
+        h = self.encoder(x)
+        return self.head(h[:, 0] if self.pool == "first" else h.mean(dim=1))
+
+
+class Conv1D(nn.Module):
+    """GPT-2's ``Conv1D`` (Hugging Face transformers): a linear layer with the weight stored
+    transposed, ``(nx, nf)``, applied with ``torch.addmm``."""
+
+    def __init__(self, nf: int, nx: int, std: float = 0.02):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.empty(nx, nf))
+        self.bias = nn.Parameter(torch.zeros(nf))
+        nn.init.normal_(self.weight, std=std)
+
+    def forward(self, x: Tensor) -> Tensor:
+        size_out = x.size()[:-1] + (self.nf,)  # noqa: RUF005  (as GPT-2 writes it)
+        x = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+        return x.view(size_out)
+
+
+class Conv1DModel(nn.Module):
+    """A one-block GPT-2 in the Hugging Face layout: token and position ``nn.Embedding``,
+    pre-LayerNorm, ``Conv1D`` ``c_attn`` split into q, k, v, causal
+    ``F.scaled_dot_product_attention``, ``Conv1D`` ``c_proj``, a GELU MLP of two ``Conv1D``,
+    final LayerNorm, and last-position logits through the tied head ``h @ wte.weight.T``."""
+
+    def __init__(
+        self,
+        vocab: int = 13,
+        n_embd: int = 8,
+        n_head: int = 2,
+        n_positions: int = 5,
+        n_inner: int = 16,
+        dropout: float = 0.1,
+        initializer_range: float = 0.2,
+    ):
+        super().__init__()
+        self.n_head, self.dropout = n_head, dropout
+        self.wte = nn.Embedding(vocab, n_embd)
+        self.wpe = nn.Embedding(n_positions, n_embd)
+        self.drop = nn.Dropout(dropout)
+        self.ln_1 = nn.LayerNorm(n_embd)
+        self.c_attn = Conv1D(3 * n_embd, n_embd, std=initializer_range)
+        self.c_proj = Conv1D(n_embd, n_embd, std=initializer_range)
+        self.resid_dropout = nn.Dropout(dropout)
+        self.ln_2 = nn.LayerNorm(n_embd)
+        self.c_fc = Conv1D(n_inner, n_embd, std=initializer_range)
+        self.c_proj_mlp = Conv1D(n_embd, n_inner, std=initializer_range)
+        self.act = nn.GELU(approximate="tanh")
+        self.ln_f = nn.LayerNorm(n_embd)
+
+    def _split_heads(self, x: Tensor) -> Tensor:
+        b, t, c = x.size()
+        return x.view(b, t, self.n_head, c // self.n_head).transpose(1, 2)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        b, t = input_ids.size()
+        position_ids = torch.arange(t, dtype=torch.long, device=input_ids.device).unsqueeze(0)
+        hidden = self.drop(self.wte(input_ids) + self.wpe(position_ids))
+
+        residual = hidden
+        q, k, v = self.c_attn(self.ln_1(hidden)).split(hidden.size(-1), dim=2)
+        q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)
+        attn = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+        )
+        attn = attn.transpose(1, 2).contiguous().view(b, t, -1)
+        hidden = residual + self.resid_dropout(self.c_proj(attn))
+
+        residual = hidden
+        mlp = self.c_proj_mlp(self.act(self.c_fc(self.ln_2(hidden))))
+        hidden = residual + self.resid_dropout(mlp)
+
+        h = self.ln_f(hidden)[:, -1]
+        return h @ self.wte.weight.T
+
+
+class SharedElementwise(nn.Module):
+    """One weight in a matmul and elementwise (``x @ W``, then ``h * W.diagonal()`` and
+    ``h * W[0]``), and a 1-D gain used as a scale ``x * g`` and as a shift ``+ g``: the
+    hand-rolled gating and scaling of research code."""
+
+    def __init__(self, d: int = 6, out_features: int = 3):
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(d, d) / math.sqrt(d))
+        self.g = nn.Parameter(1.0 + 0.1 * torch.randn(d))
+        self.out = nn.Linear(d, out_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh((x * self.g) @ self.W + self.g)
+        h = h * self.W.diagonal() + torch.sin(h) * self.W[0]
+        return self.out(h)
+
+
+class RMSNormMLP(nn.Module):
+    """A LLaMA-style hand-written RMSNorm with a raw gain parameter and an ``nn.LayerNorm``
+    between ``nn.Linear`` layers."""
+
+    def __init__(self, in_features: int = 6, hidden: int = 8, out_features: int = 3):
+        super().__init__()
+        self.eps = 1e-6
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.gain = nn.Parameter(torch.ones(hidden))
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.norm = nn.LayerNorm(hidden)
+        self.fc3 = nn.Linear(hidden, out_features)
+
+    def rms_norm(self, x: Tensor) -> Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.gain
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.silu(self.rms_norm(self.fc1(x)))
+        h = torch.tanh(self.norm(self.fc2(h)))
+        return self.fc3(h)
+
+
+@dataclass
+class SequenceClassifierOutput:
+    """The fields of Hugging Face's ``SequenceClassifierOutput`` that a small model fills."""
+
+    logits: Tensor
+    loss: Tensor | None = None
+    hidden_states: Tensor | None = None
+
+
+class HFStyleClassifier(nn.Module):
+    """A Hugging Face-style sequence classifier: keyword inputs
+    ``forward(input_ids, attention_mask=None, labels=None)``, the attention mask used to
+    mean-pool, and an output object with ``.logits``."""
+
+    def __init__(self, vocab: int = 11, hidden: int = 8, num_labels: int = 3):
+        super().__init__()
+        self.embeddings = nn.Embedding(vocab, hidden)
+        self.dense = nn.Linear(hidden, hidden)
+        self.classifier = nn.Linear(hidden, num_labels)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+    ) -> SequenceClassifierOutput:
+        hidden_states = torch.tanh(self.dense(self.embeddings(input_ids)))
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        mask = attention_mask.unsqueeze(-1).to(hidden_states.dtype)
+        pooled = (hidden_states * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        logits = self.classifier(pooled)
+        loss = None if labels is None else F.cross_entropy(logits, labels)
+        return SequenceClassifierOutput(logits=logits, loss=loss, hidden_states=hidden_states)
