@@ -25,26 +25,26 @@ from torch import Tensor
 from lightning_entk import plots
 from lightning_entk.alignment import feature_alignment
 from lightning_entk.early_warning import EarlyWarning, EvaluationRecord, PhaseTransition
-from lightning_entk.evaluation import Evaluation, evaluate
+from lightning_entk.evaluation import Evaluation, evaluate, points_within_budget
 from lightning_entk.kernel import (
     OutputFn,
     ParamSelection,
     check_projection_mode,
     compute_dtype,
     empirical_ntk,
+    ntk_plan,
     num_outputs,
     projection_matrix,
 )
+from lightning_entk.kernel.points import ForwardFn, num_points, take, to_device
 from lightning_entk.probe import (
     DEFAULT_MAX_PROBE_POINTS,
     ProbeSet,
     as_probe_set,
     draw_probe_set,
-    kernel_memory_bytes,
-    max_rows_within,
 )
 
-DEFAULT_MEMORY_BUDGET = 2 * 2**30  # bytes for one evaluation's dense kernel work
+DEFAULT_MEMORY_BUDGET = 2 * 2**30  # bytes for everything one evaluation allocates
 SUMMARY_FILENAME = "entk_summary.png"
 PROGRESS_BAR_KEYS = ("entk/num_cliffs", "entk/kernel_regression_acc")
 
@@ -79,7 +79,9 @@ class ENTKMonitor(Callback):
         every_n_train_steps: evaluate after every n-th optimizer step (``None``: never).
         mode: ``"trace"`` (N x N, the *sum* over outputs) or ``"flatten"`` (C*N x C*N).
         max_probe_points: cap on the points drawn when ``probe`` is ``None``.
-        params, output_fn, output_weights: as in :func:`~lightning_entk.empirical_ntk`.
+        params, output_fn, output_weights, forward_fn: as in
+            :func:`~lightning_entk.empirical_ntk` (``forward_fn(model, points) -> (N, C)`` for
+            a model no default call covers).
         output_projections: for many outputs (trace mode): estimate the kernel from this many
             random projections of the outputs instead of one backward pass per output (see
             :func:`~lightning_entk.empirical_ntk`; the same projections at every evaluation).
@@ -90,8 +92,11 @@ class ENTKMonitor(Callback):
         cliff_options: keyword arguments for :func:`~lightning_entk.find_cliffs`.
         log_images: whether to add images and histograms to a TensorBoard logger.
         image_every_n_evaluations: images at every n-th evaluation (rendering takes ~0.3 s).
-        memory_budget: bytes one evaluation's dense kernel work may take; a probe set that
-            needs more fails at setup.
+        memory_budget: bytes that everything one evaluation allocates may take (the kernel's
+            factors and blocks, output gradients, the kernel and its eigendecomposition). At
+            setup the monitor predicts an evaluation's peak (:func:`~lightning_entk.ntk_plan`,
+            logged with each parameter's route) and, when the probe set would not fit, keeps
+            the largest seeded subset of its points that does, with a warning.
 
     Raises:
         ValueError: for invalid arguments, here or (for the probe set) at setup.
@@ -114,6 +119,7 @@ class ENTKMonitor(Callback):
         output_fn: OutputFn = None,
         output_weights: Tensor | None = None,
         output_projections: int | None = None,
+        forward_fn: ForwardFn = None,
         accuracy_key: str | None = "val_acc",
         early_warning: EarlyWarning | None = None,
         on_transition: Callable[[PhaseTransition], None] | None = None,
@@ -148,6 +154,10 @@ class ENTKMonitor(Callback):
             raise ValueError(
                 f"`output_projections` must be a positive int or None, got {output_projections!r}."
             )
+        if forward_fn is not None and not callable(forward_fn):
+            raise ValueError(
+                f"`forward_fn` must be callable (model, points) -> (N, C), got {forward_fn!r}."
+            )
         if on_transition is not None and not callable(on_transition):
             raise ValueError(
                 f"`on_transition` must be callable, got {type(on_transition).__name__}."
@@ -161,6 +171,7 @@ class ENTKMonitor(Callback):
         self.output_fn = output_fn
         self.output_weights = output_weights
         self.output_projections = output_projections
+        self.forward_fn = forward_fn
         self.accuracy_key = accuracy_key
         self.early_warning = EarlyWarning(accuracy_key) if early_warning is None else early_warning
         self.on_transition = on_transition
@@ -183,7 +194,7 @@ class ENTKMonitor(Callback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit" and self.probe is not None:
-            self._check_budget(self.probe, pl_module)
+            self.probe = self._fit_to_budget(self.probe, pl_module)
         if self.log_images and trainer.loggers and not _tensorboard(trainer):
             rank_zero_info(
                 "ENTKMonitor: images and histograms need a TensorBoardLogger; "
@@ -195,10 +206,12 @@ class ENTKMonitor(Callback):
             with _preserved_rng():
                 train, val = _datasets(trainer)
                 self.probe = draw_probe_set(train, val, self.max_probe_points)
-            self._check_budget(self.probe, pl_module)
+            self.probe = self._fit_to_budget(self.probe, pl_module)
         ground_truth = getattr(pl_module, "entk_ground_truth", None)
         if callable(ground_truth):
-            self._features = dict(ground_truth(self.probe.x.to(pl_module.device), self.mode))
+            self._features = dict(
+                ground_truth(to_device(self.probe.x, pl_module.device), self.mode)
+            )
             self._feature_pairs = bool(getattr(pl_module, "entk_feature_pairs", False))
         tensorboard = _tensorboard(trainer)
         if tensorboard is not None and trainer.is_global_zero:
@@ -312,13 +325,9 @@ class ENTKMonitor(Callback):
         fails sends NaN (rank 0 then skips the evaluation): every rank always reaches the
         collective, so a failure cannot deadlock the run."""
         world, rank = trainer.world_size, trainer.global_rank
-        x = self.probe.x.to(pl_module.device)
-        n, outputs = len(x), self._rows_per_point
-        options = {
-            "params": self.params,
-            "output_fn": self.output_fn,
-            "output_weights": self.output_weights,
-        }
+        x = to_device(self.probe.x, pl_module.device)
+        n, outputs = num_points(x), self._rows_per_point
+        options = self._kernel_options()
         try:
             with _preserved_rng():
                 if self.mode == "trace":
@@ -328,12 +337,13 @@ class ENTKMonitor(Callback):
                     # Equal shares for the gather: the last is padded with copies of point 0.
                     rows = torch.arange(rank * share, (rank + 1) * share)
                     rows = torch.where(rows < n, rows, 0)
-                    part = empirical_ntk(pl_module, x[rows], x, mode=self.mode, **options)
+                    part = empirical_ntk(pl_module, take(x, rows), x, mode=self.mode, **options)
                 part = part.to(torch.float64)
         except Exception as err:
             rank_zero_warn(f"ENTKMonitor: kernel part failed on rank {rank}: {err!r}")
             rows = n if self.mode == "trace" else outputs * math.ceil(n / world)
-            part = torch.full((rows, outputs * n), torch.nan, dtype=torch.float64, device=x.device)
+            device = pl_module.device
+            part = torch.full((rows, outputs * n), torch.nan, dtype=torch.float64, device=device)
         parts = trainer.strategy.all_gather(part)
         if not trainer.is_global_zero:
             return None
@@ -346,13 +356,14 @@ class ENTKMonitor(Callback):
     ) -> Tensor:
         """This rank's part of the trace kernel: its share of the projection columns."""
         columns = projection_matrix(
-            num_outputs(pl_module, x, self.output_fn),
+            num_outputs(pl_module, x, self.output_fn, self.forward_fn),
             self.output_projections,
             dtype=compute_dtype(pl_module),
-            device=x.device,
+            device=pl_module.device,
         ).tensor_split(world, dim=1)[rank]
         if columns.shape[1] == 0:  # more ranks than projections
-            return torch.zeros(len(x), len(x), dtype=torch.float64, device=x.device)
+            n = num_points(x)
+            return torch.zeros(n, n, dtype=torch.float64, device=pl_module.device)
         return empirical_ntk(pl_module, x, mode="trace", output_projections=columns, **options)
 
     def _evaluate_safely(
@@ -370,6 +381,8 @@ class ENTKMonitor(Callback):
                     output_fn=self.output_fn,
                     output_weights=self.output_weights,
                     output_projections=self.output_projections,
+                    forward_fn=self.forward_fn,
+                    memory_budget=self.memory_budget // 2,
                     previous_kernel=self._previous_kernel,
                     features=self._features,
                     cliff_options=self.cliff_options,
@@ -473,21 +486,51 @@ class ENTKMonitor(Callback):
             transitions=self.transitions,
         )
 
-    def _check_budget(self, probe: ProbeSet, pl_module: LightningModule) -> None:
-        self._rows_per_point = 1
-        if self.mode == "flatten":
-            with _preserved_rng():
-                first = probe.x[:1].to(pl_module.device)
-                self._rows_per_point = num_outputs(pl_module, first, self.output_fn)
-        rows = len(probe) * self._rows_per_point
-        need, fits = kernel_memory_bytes(rows), max_rows_within(self.memory_budget)
-        if need > self.memory_budget:
-            raise ValueError(
-                f"ENTKMonitor: a probe set of {len(probe)} points gives a {rows} x {rows} kernel "
-                f"whose evaluation needs ~{need / 2**20:.0f} MiB, over `memory_budget` = "
-                f"{self.memory_budget / 2**20:.0f} MiB. Use at most {fits} "
-                "kernel rows (fewer probe points, or mode='trace'), or raise `memory_budget`."
+    def _kernel_options(self) -> dict:
+        """The arguments of every kernel this monitor computes; the engine gets half the
+        budget, the rest is the kernel's own dense work."""
+        return {
+            "params": self.params,
+            "output_fn": self.output_fn,
+            "output_weights": self.output_weights,
+            "forward_fn": self.forward_fn,
+            "memory_budget": self.memory_budget // 2,
+        }
+
+    def _fit_to_budget(self, probe: ProbeSet, pl_module: LightningModule) -> ProbeSet:
+        """``probe``, or its largest seeded subset whose evaluation fits ``memory_budget``
+        (with a warning); logs each parameter's route and the predicted cost.
+
+        Raises:
+            ValueError: if not even two points fit.
+        """
+        with _preserved_rng():
+            plan = ntk_plan(
+                pl_module,
+                to_device(probe.x, pl_module.device),
+                mode="full" if self.mode == "flatten" else "trace",
+                output_projections=self.output_projections,
+                **self._kernel_options(),
             )
+        self._rows_per_point = plan.num_outputs if self.mode == "flatten" else 1
+        rank_zero_info(f"ENTKMonitor: {plan}")
+        fits = points_within_budget(plan, self.memory_budget, self._rows_per_point)
+        if fits >= len(probe):
+            return probe
+        if fits < 2:
+            raise ValueError(
+                f"ENTKMonitor: not even 2 probe points fit `memory_budget` = "
+                f"{self.memory_budget / 2**20:.0f} MiB ({plan.num_outputs} outputs, "
+                f"mode={self.mode!r}); raise `memory_budget`, use mode='trace', or set "
+                "`output_projections` or `params` to count fewer outputs or parameters."
+            )
+        rank_zero_warn(
+            f"ENTKMonitor: an evaluation on all {len(probe)} probe points would need more than "
+            f"`memory_budget` = {self.memory_budget / 2**20:.0f} MiB; it uses {fits} of them "
+            "(a fixed seeded subset). Raise `memory_budget`, or pass fewer points, "
+            "`output_projections` or `params`, to choose otherwise."
+        )
+        return probe.subset(fits)
 
     def _last_step(self) -> int | None:
         return self.history[-1].step if self.history else None

@@ -30,8 +30,15 @@ from torch import Tensor, nn
 
 from lightning_entk.alignment import subspace_overlap
 from lightning_entk.cliffs import FLOAT32_ROUND_OFF, Cliff, find_cliffs
-from lightning_entk.kernel import OutputFn, ParamSelection, compute_dtype, empirical_ntk
-from lightning_entk.probe import ProbeSet
+from lightning_entk.kernel import (
+    NTKPlan,
+    OutputFn,
+    ParamSelection,
+    compute_dtype,
+    empirical_ntk,
+)
+from lightning_entk.kernel.points import ForwardFn
+from lightning_entk.probe import ProbeSet, kernel_memory_bytes
 from lightning_entk.spectrum import Spectrum
 
 TOP_EIGENVALUES = 5
@@ -62,6 +69,31 @@ class Evaluation:
     kernel: Tensor | None = None
 
 
+def points_within_budget(plan: NTKPlan, memory_budget: int, rows_per_point: int = 1) -> int:
+    """The most probe points (at most the plan's) whose evaluation is predicted to fit
+    ``memory_budget``: the kernel's own work (:meth:`NTKPlan.peak_bytes`) plus its dense
+    eigendecomposition (:func:`~lightning_entk.probe.kernel_memory_bytes`).
+
+    Example:
+        >>> import torch
+        >>> from lightning_entk.kernel import ntk_plan
+        >>> plan = ntk_plan(torch.nn.Linear(3, 2), torch.randn(100, 3))
+        >>> points_within_budget(plan, 2**30)
+        100
+        >>> points_within_budget(plan, 100_000) < 100
+        True
+    """
+
+    def need(n: int) -> int:
+        return plan.peak_bytes(n) + kernel_memory_bytes(n * rows_per_point)
+
+    lo, hi = 0, plan.num_points
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if need(mid) <= memory_budget else (lo, mid - 1)
+    return lo
+
+
 def evaluate(
     model: nn.Module,
     probe: ProbeSet,
@@ -71,6 +103,8 @@ def evaluate(
     output_fn: OutputFn = None,
     output_weights: Tensor | None = None,
     output_projections: int | None = None,
+    forward_fn: ForwardFn = None,
+    memory_budget: int | None = None,
     previous_kernel: Tensor | None = None,
     features: Mapping[str, Tensor] | None = None,
     cliff_options: Mapping[str, object] | None = None,
@@ -95,6 +129,8 @@ def evaluate(
             output_fn=output_fn,
             output_weights=output_weights,
             output_projections=output_projections,
+            forward_fn=forward_fn,
+            memory_budget=memory_budget,
         )
     if not torch.isfinite(kernel).all():
         raise FloatingPointError("the eNTK has NaN or inf entries (diverging weights?)")

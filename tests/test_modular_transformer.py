@@ -226,9 +226,9 @@ def test_transformer_kernel_structured_covers_every_parameter():
     x, _ = ModularTransformerDataModule(p=5).grid()
     with ntk_context(model, x, None, None, None, None, "structured", 256) as ctx:
         jacobian = ctx.jacobian(ctx.x1)
-        assert ctx.generic_names == []
-        layers = [n for n, m in model.named_children() if isinstance(m, nn.Linear | nn.Embedding)]
-        assert sorted(ctx.layers) == sorted(layers)
+        structure = ctx.structure(ctx.x1)
+        assert structure.generic == {}
+        assert sorted(structure.structured) == sorted(n for n, _ in model.named_parameters())
     assert jacobian.num_parameters == sum(p.numel() for p in model.parameters())
 
 

@@ -38,7 +38,6 @@ random projections of the outputs (``output_projections=s``).
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from lightning_entk.kernel.context import (
@@ -100,9 +99,10 @@ def empirical_ntk(
     """Empirical NTK ``J(x1) J(x2)^T`` of ``model`` between two sets of points.
 
     Every parameter is recognised by the operations that use it (see :class:`NTKMethod` and
-    :func:`ntk_plan`), whatever module holds it. The model is evaluated in eval mode (dropout off, BatchNorm on running statistics) and
-    without autocast; its train/eval mode, ``requires_grad`` flags and ``.grad`` fields are
-    left exactly as they were. The kernel is float32, or float64 for a float64 model
+    :func:`ntk_plan`), whatever module holds it. The model is evaluated in eval mode (dropout
+    off, BatchNorm on running statistics) and without autocast; its train/eval mode,
+    ``requires_grad`` flags and ``.grad`` fields are left exactly as they were. The kernel is
+    float32, or float64 for a float64 model
     (half-precision models are computed in float32).
 
     Args:
@@ -160,9 +160,9 @@ def empirical_ntk(
 
     Raises:
         ValueError: for an unknown mode or method, points of different structures or shapes,
-            non-finite points, a selection that matches no parameter, an output that is not ``(N, C)``,
-            or ``output_projections`` that is not a positive int or a ``(C, s)`` tensor, or
-            is given with a mode other than ``"trace"``.
+            non-finite points, a selection that matches no parameter, an output that is not
+            ``(N, C)``, or ``output_projections`` that is not a positive int or a ``(C, s)``
+            tensor, or is given with a mode other than ``"trace"``.
 
     Example:
         >>> import torch

@@ -219,7 +219,7 @@ class Capture(TorchFunctionMode):
             y = F.group_norm(x, groups, None, None, 1e-5 if eps is None else eps)
             return self._affine(y, weight, bias, channel_dim=True)
         if func is F.batch_norm:
-            x, mean, var, weight, bias, training, momentum, eps = _bind(
+            x, mean, var, weight, bias, training, _, eps = _bind(
                 args,
                 kwargs,
                 ("input", "running_mean", "running_var", "weight", "bias", "training",

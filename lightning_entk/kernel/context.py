@@ -301,7 +301,8 @@ class Structure:
     uses: list[Use] = field(default_factory=list)
     z_shapes: list[tuple[int, ...]] = field(default_factory=list)
     generic: dict[str, str] = field(default_factory=dict)
-    per_point: bool = False  # vmap could not batch the model: one point at a time
+    capture: str = "batched"  # "batched", "vmap" or "per point" (see :meth:`NTKContext.structure`)
+    shared: list[bool] = field(default_factory=list)  # per operation: output has no point dim
 
     @property
     def structured(self) -> list[str]:
@@ -405,7 +406,10 @@ class NTKContext:
             try:
                 with torch.no_grad():
                     self.forward(self.params, one, capture)
-            except Exception as err:  # a model the capture cannot run: everything generic
+            except Exception as err:
+                with torch.no_grad():  # the model's own error is the caller's to see
+                    self.forward(self.params, one)
+                # A model the capture cannot run: everything generic.
                 found.generic.update(dict.fromkeys(watched, f"capture failed: {err}"))
                 found.uses, found.z_shapes = [], []
                 break
@@ -415,12 +419,39 @@ class NTKContext:
                 break
             found.generic.update(dict.fromkeys(opaque, "used in an operation no rule covers"))
             watched = [n for n in watched if n not in opaque]
+        if found.uses and not self._batch_aligned(found, x, watched):
+            found.capture = "vmap"
         used = {u.param for u in found.uses}
         for name in watched:
             if name not in used and name not in found.generic:
                 found.generic[name] = "no use seen"
         self._structure = found
         return found
+
+    def _batch_aligned(self, found: Structure, x: Points, watched: list[str]) -> bool:
+        """Whether every use's output has the points along dim 0 (alone, or merged point-major
+        with positions, as ``x.view(-1, d)`` does) or is shared by all points (a positional
+        table looked up without a batch dim), as in most models: then a chunk of points is
+        captured in one batched pass, each point's positions in its own slice, a shared output
+        perturbed per point by broadcasting (checked in :meth:`_check`; a model that fails
+        it is captured under ``vmap``)."""
+        n = min(3, num_points(x))
+        if n == 1:
+            found.shared = [False] * len(found.z_shapes)
+            return True
+        capture = Capture({name: self.params[name] for name in watched})
+        try:
+            with torch.no_grad():
+                self.forward(self.params, take(x, slice(0, n)), capture)
+        except Exception:
+            return False
+        if len(capture.z_shapes) != len(found.z_shapes):
+            return False
+        pairs = list(zip(found.z_shapes, capture.z_shapes, strict=True))
+        found.shared = [many == one for one, many in pairs]
+        return all(
+            many == one or (len(one) > 0 and many == (n * one[0], *one[1:])) for one, many in pairs
+        )
 
     def _drop_from_structure(self, names: dict[str, str]) -> None:
         """Move parameters to the generic path after the check."""
@@ -435,6 +466,12 @@ class NTKContext:
         """Output gradients (n, C, *y) per operation and factors (n, ...) per use."""
         watched = {n: self.params[n] for n in structure.structured}
         n = num_points(chunk)
+        like = self.params[structure.uses[0].param]
+        if structure.capture == "batched":
+            try:
+                return self._batched_chunk(structure, watched, chunk)
+            except RuntimeError:  # a shared output that cannot take a point dim
+                structure.capture = "vmap"
 
         def per_point(zs: tuple, point: Points) -> tuple[Tensor, tuple]:
             capture = Capture(watched, zs)
@@ -442,18 +479,37 @@ class NTKContext:
             return out[0], tuple(capture.factors)
 
         differentiate = jacrev(per_point, has_aux=True)
-        like = self.params[structure.uses[0].param]
-        if not structure.per_point:
+        if structure.capture == "vmap":
             zs = tuple(like.new_zeros(n, *s) for s in structure.z_shapes)
             try:
                 grads, factors = vmap(differentiate)(zs, chunk)
                 return list(grads), list(factors)
-            except RuntimeError:
-                structure.per_point = True
+            except RuntimeError:  # data-dependent control flow, or an op vmap cannot batch
+                structure.capture = "per point"
         zs = tuple(like.new_zeros(*s) for s in structure.z_shapes)
         results = [differentiate(zs, take(chunk, i)) for i in range(n)]
         grads = [torch.stack(g) for g in zip(*(r[0] for r in results), strict=True)]
         factors = [torch.stack(f) for f in zip(*(r[1] for r in results), strict=True)]
+        return grads, factors
+
+    def _batched_chunk(self, structure: Structure, watched: dict, chunk: Points):
+        """One batched pass over the chunk (see :meth:`_batch_aligned`)."""
+        n = num_points(chunk)
+        like = next(iter(watched.values()))
+        zs = tuple(
+            like.new_zeros(*((n, *s) if shared else (n * s[0], *s[1:]))).requires_grad_()
+            for s, shared in zip(structure.z_shapes, structure.shared, strict=True)
+        )
+        capture = Capture(watched, zs)
+        with torch.enable_grad():
+            out = self.forward(self.params, chunk, capture)
+            grads = output_gradients(out, list(zs))
+        grads = [g.reshape(g.shape[0], n, -1).transpose(0, 1) for g in grads]
+        shared = [structure.shared[u.z] for u in structure.uses if u.kind != "ones"]
+        factors = [
+            f.detach().expand(n, *f.shape) if s else f.detach().reshape(n, -1, *f.shape[1:])
+            for f, s in zip(capture.factors, shared, strict=True)
+        ]
         return grads, factors
 
     def jacobian(self, x: Points) -> Jacobian:
@@ -490,30 +546,29 @@ class NTKContext:
         chunk; the first chunk is checked against autograd."""
         n = num_points(x)
         step = self._points_per_chunk(structure, n)
-        collected: list[list[tuple[Tensor, Tensor | None]]] | None = None
+        joined: list[tuple[Tensor, Tensor | None]] = []
         for start in range(0, n, step):
             chunk = take(x, slice(start, start + step))
             grads, factors = self._captured_chunk(structure, chunk)
             per_use = _use_factors(structure.uses, grads, factors)
             if start == 0:
                 failed = self._check(structure.uses, per_use, chunk)
+                if failed and structure.capture == "batched":
+                    structure.capture = "vmap"  # positions were not where the batch had them
+                    return self._factor_parts(structure, x)
                 if failed:
                     self._drop_from_structure(failed)
                     if not structure.uses:
                         return [], self._num_outputs(x)
                     return self._factor_parts(structure, x)
-                collected = [[p] for p in per_use]
-            else:
-                for parts, p in zip(collected, per_use, strict=True):
-                    parts.append(p)
-        c = collected[0][0][0].shape[2]
-        joined = [
-            (torch.cat([g for g, _ in parts]), None if parts[0][1] is None else torch.cat(
-                [a for _, a in parts]
-            ))
-            for parts in collected
-        ]  # fmt: skip
-        return joined, c
+                if step >= n:
+                    return per_use, per_use[0][0].shape[2]
+                joined = [(_empty_like(g, n), _empty_like(a, n)) for g, a in per_use]
+            for (g_all, a_all), (g, a) in zip(joined, per_use, strict=True):
+                g_all[start : start + len(g)] = g
+                if a is not None:
+                    a_all[start : start + len(a)] = a
+        return joined, joined[0][0].shape[2]
 
     def _points_per_chunk(self, structure: Structure, n: int) -> int:
         """Points per capture pass: the batch size, fewer when the output gradients of one
@@ -526,28 +581,28 @@ class NTKContext:
 
     def _check(self, uses: list[Use], per_use, chunk: Points) -> dict[str, str]:
         """Parameters whose gradient, rebuilt from the factors for a random combination of
-        outputs on up to two points, differs from autograd's (a use the capture missed)."""
+        outputs, differs from autograd's, on each of up to two points alone (a use the capture
+        missed, or positions given to the wrong point)."""
         names = list(dict.fromkeys(u.param for u in uses))
-        count = min(2, num_points(chunk))
-        points = take(chunk, slice(0, count))
         generator = torch.Generator(device="cpu").manual_seed(0)
         c = per_use[0][0].shape[2]
-        v = torch.randn(count, c, generator=generator, dtype=self.dtype).to(self.device)
-        leaves = {k: p.clone().requires_grad_(k in names) for k, p in self.params.items()}
-        with torch.enable_grad():
-            out = self.forward(leaves, points)
-            true = torch.autograd.grad(out, [leaves[k] for k in names], v, allow_unused=True)
-        rebuilt = {k: self.params[k].new_zeros(self.params[k].numel()) for k in names}
-        for use, (g, a) in zip(uses, per_use, strict=True):
-            grad = _use_gradient(use, g[:count], a if a is None else a[:count], v)
-            rebuilt[use.param].index_add_(0, use.layout.reshape(-1), grad.reshape(-1))
         tol = math.sqrt(torch.finfo(self.dtype).eps)
         failed = {}
-        for name, t in zip(names, true, strict=True):
-            t = torch.zeros_like(rebuilt[name]) if t is None else t.reshape(-1)
-            err = torch.linalg.vector_norm(rebuilt[name] - t)
-            if err > tol * (torch.linalg.vector_norm(t) + tol):
-                failed[name] = "a use the capture did not see"
+        for i in range(min(2, num_points(chunk))):
+            v = torch.randn(1, c, generator=generator, dtype=self.dtype).to(self.device)
+            leaves = {k: p.clone().requires_grad_(k in names) for k, p in self.params.items()}
+            with torch.enable_grad():
+                out = self.forward(leaves, take(chunk, slice(i, i + 1)))
+                true = torch.autograd.grad(out, [leaves[k] for k in names], v, allow_unused=True)
+            rebuilt = {k: self.params[k].new_zeros(self.params[k].numel()) for k in names}
+            for use, (g, a) in zip(uses, per_use, strict=True):
+                grad = _use_gradient(use, g[i : i + 1], None if a is None else a[i : i + 1], v)
+                rebuilt[use.param].index_add_(0, use.layout.reshape(-1), grad.reshape(-1))
+            for name, t in zip(names, true, strict=True):
+                t = torch.zeros_like(rebuilt[name]) if t is None else t.reshape(-1)
+                err = torch.linalg.vector_norm(rebuilt[name] - t)
+                if err > tol * (torch.linalg.vector_norm(t) + tol):
+                    failed[name] = "a use the capture did not see"
         return failed
 
     # ---------------------------------------------------------------------------------------
@@ -565,10 +620,15 @@ class NTKContext:
                 blocks.append(_factor_block([uses[i] for i in idx], [parts[i] for i in idx]))
             else:
                 columns = _columns_from_factors(
-                    [uses[i] for i in idx], [parts[i] for i in idx], n, c
+                    [uses[i] for i in idx], [parts[i] for i in idx], n, c, self.memory_budget // 8
                 )
                 blocks.append(self._column_block(columns, self.params[name].numel(), n, c))
         return blocks
+
+
+def _empty_like(t: Tensor | None, n: int) -> Tensor | None:
+    """An uninitialised array like ``t`` with ``n`` points along dim 0."""
+    return None if t is None else t.new_empty(n, *t.shape[1:])
 
 
 def _same_layout(uses: list[Use]) -> bool:
@@ -611,10 +671,11 @@ def _factor_block(uses: list[Use], parts: list[tuple[Tensor, Tensor | None]]) ->
     """Uses with one layout as one block: positions concatenated, positions where ``g`` is
     zero for every point and output dropped."""
     kinds = {u.kind for u in uses}
-    g = torch.cat([g for g, _ in parts], dim=1)
+    g = parts[0][0] if len(parts) == 1 else torch.cat([g for g, _ in parts], dim=1)
     live = g.reshape(g.shape[0], g.shape[1], -1).ne(0).any(dim=2).any(dim=0)
     if not live.any():
         live[0] = True  # keep one position so that the block has its shape
+    live = slice(None) if live.all() else live
     g = g[:, live]
     first = uses[0]
     if kinds == {"ones"}:
@@ -626,24 +687,62 @@ def _factor_block(uses: list[Use], parts: list[tuple[Tensor, Tensor | None]]) ->
     return FactorBlock(g, a=a[:, live], inputs=first.inputs)
 
 
-def _columns_from_factors(uses: list[Use], parts, n: int, c: int):
-    """``columns(lo, hi)`` of a parameter's per-example Jacobian, summed over its uses from
-    their factors: only the entries of each layout that fall in ``lo:hi`` are formed."""
+def _columns_from_factors(uses: list[Use], parts, n: int, c: int, budget: int):
+    """``columns(lo, hi)`` of a parameter's per-example Jacobian, summed over its uses: each
+    use's Jacobian is formed from its factors for a chunk of points at a time (at most
+    ``budget`` bytes), and its entries that fall in ``lo:hi`` are added in."""
 
     def columns(lo: int, hi: int) -> Tensor:
-        g0 = parts[0][0]
-        out = g0.new_zeros(n, c, hi - lo)
+        out = parts[0][0].new_zeros(n, c, hi - lo)
         for use, (g, a) in zip(uses, parts, strict=True):
             flat = use.layout.reshape(-1)
             keep = ((flat >= lo) & (flat < hi)).nonzero().flatten()
             if keep.numel() == 0:
                 continue
-            h, b, a_in = use.layout.shape
-            hh, rest = keep // (b * a_in), keep % (b * a_in)
-            bb, aa = rest // a_in, rest % a_in
-            dense = _dense_factor(use, g, a)  # (n, T, H, A)
-            picked = torch.einsum("ntcs,nts->ncs", g[:, :, :, hh, bb], dense[:, :, hh, aa])
-            out.index_add_(2, flat[keep] - lo, picked)
+            step = max(1, budget // max(c * flat.numel() * g.element_size(), 1))
+            for start in range(0, n, step):
+                part = slice(start, start + step)
+                block = FactorBlock(
+                    g[part], a[part] if use.kind == "dense" else None,
+                    a[part] if use.kind == "tokens" else None, use.inputs,
+                )  # fmt: skip
+                out[part].index_add_(2, flat[keep] - lo, block.materialized()[:, :, keep])
         return out
 
     return columns
+
+
+# Outputs whose backward passes run together (batched): large enough for efficient matrix
+# products, small enough that the batched intermediates stay near the size of the factors.
+_OUTPUTS_PER_BACKWARD = 32
+
+
+def output_gradients(out: Tensor, zs: list[Tensor]) -> list[Tensor]:
+    """Gradients of each output column of ``out`` (N, C) with respect to each of ``zs``:
+    one tensor (C, *z.shape) per z. Backward passes are batched over outputs; a model whose
+    backward cannot be batched takes one pass per output."""
+    n, c = out.shape
+    eye = torch.eye(c, dtype=out.dtype, device=out.device)
+    parts = []
+    for lo in range(0, c, _OUTPUTS_PER_BACKWARD):
+        seeds = eye[lo : lo + _OUTPUTS_PER_BACKWARD, None, :].expand(-1, n, c)
+        try:
+            grads = torch.autograd.grad(
+                out, zs, grad_outputs=seeds, retain_graph=True, is_grads_batched=True,
+                materialize_grads=True,  # zeros for an operation that does not reach `out`
+            )  # fmt: skip
+        except RuntimeError:  # an operation without a batching rule for its backward
+            per_output = [
+                torch.autograd.grad(out, zs, seed, retain_graph=True, materialize_grads=True)
+                for seed in seeds
+            ]
+            grads = [torch.stack(gs) for gs in zip(*per_output, strict=True)]
+        rows = len(seeds)
+        grads = [
+            g if g.dim() > z.dim() else g.expand(rows, *z.shape)
+            for g, z in zip(grads, zs, strict=True)
+        ]
+        parts.append(grads)
+    if len(parts) == 1:
+        return list(parts[0])
+    return [torch.cat(gs) for gs in zip(*parts, strict=True)]

@@ -44,6 +44,21 @@ def gram(x: Tensor, y: Tensor, symmetric: bool) -> Tensor:
     return out
 
 
+def gram_flops(
+    n1: int, n2: int, t1: int, t2: int, heads: int, inputs: int, outputs: int, c: int, mode: str
+) -> float:
+    """Flops of a factor block's share by Gram products: an input Gram and an output Gram
+    per head over all pairs of positions (outputs paired in ``full`` mode)."""
+    paired = c * c if mode in ("full", "flatten") else c
+    return 2.0 * n1 * n2 * heads * t1 * t2 * (inputs + paired * outputs)
+
+
+def dense_flops(n1: int, n2: int, t1: int, t2: int, size: int, c: int, mode: str) -> float:
+    """Flops of a block's share by per-example Jacobians: forming them, then contracting."""
+    paired = c * c if mode in ("full", "flatten") else c
+    return 2.0 * n1 * n2 * paired * size + 2.0 * (n1 * t1 + n2 * t2) * c * size
+
+
 def contract(j1: Tensor, j2: Tensor, mode: str, symmetric: bool) -> Tensor:
     """The kernel of per-example Jacobians ``(N1, C, P)`` and ``(N2, C, P)`` in ``full``,
     ``trace`` or ``diagonal`` layout."""
@@ -97,15 +112,17 @@ class FactorBlock:
             return gram(a1[:, 0], a2[:, 0], symmetric=other is self)[None]
         return torch.bmm(a1.transpose(0, 1), a2.permute(1, 2, 0))
 
-    def _materialize_cheaper(self, other: FactorBlock, classes_paired: int) -> bool:
-        """Whether forming per-example Jacobians beats the Grams of the factors."""
-        t1, t2 = self.g.shape[1], other.g.shape[1]
-        h, b = self.g.shape[3], self.g.shape[4]
+    def _materialize_cheaper(self, other: FactorBlock, mode: str) -> bool:
+        """Whether forming per-example Jacobians beats the Grams of the factors (and fits
+        beside them: at most 2^27 entries)."""
+        n1, t1, c, h, b = self.g.shape
+        n2, t2 = other.g.shape[:2]
         if t1 * t2 * h == 1 and self.tokens is None:
             return False
-        grams = h * t1 * t2 * (self.inputs + classes_paired * b)
-        dense = classes_paired * self.size + (t1 + t2) * self.size
-        fits = self.g.shape[0] * self.g.shape[2] * self.size <= 2**27
+        inputs = 1 if self.tokens is not None else self.inputs
+        grams = gram_flops(n1, n2, t1, t2, h, inputs, b, c, mode)
+        dense = dense_flops(n1, n2, t1, t2, self.size, c, mode)
+        fits = (n1 + n2) * c * self.size <= 2**27
         return fits and dense < grams
 
     def materialized(self) -> Tensor:
@@ -122,7 +139,7 @@ class FactorBlock:
         """This block's share of the kernel, in ``full`` (N1, N2, C, C), ``trace`` (N1, N2)
         or ``diagonal`` (N1, N2, C) layout."""
         symmetric = other is self
-        if self._materialize_cheaper(other, self.g.shape[2] if mode == "full" else 1):
+        if self._materialize_cheaper(other, mode):
             mine = self.materialized()
             return contract(mine, mine if symmetric else other.materialized(), mode, symmetric)
         n1, t1, c, h, b = self.g.shape

@@ -44,6 +44,11 @@ def to_compute(points: Points, device: torch.device, dtype: torch.dtype) -> Poin
     )
 
 
+def to_device(points: Points, device: torch.device | str) -> Points:
+    """Every leaf on ``device``, dtypes kept."""
+    return tree_map(lambda t: t.to(device), points)
+
+
 def check_points(name: str, points: Points, like: Points | None = None) -> None:
     """Raise ``ValueError`` unless ``points`` is a pytree of tensors with at least one point,
     the same N in every leaf, finite floats, and (with ``like``) the structure and per-point
@@ -73,9 +78,10 @@ def check_points(name: str, points: Points, like: Points | None = None) -> None:
         other, other_spec = tree_flatten(like)
         if spec != other_spec or [t.shape[1:] for t in flat] != [t.shape[1:] for t in other]:
             raise ValueError(
-                f"`x1` and `{name}` must have the same structure and the same per-point shapes, got "
-                f"{[tuple(t.shape[1:]) for t in other]} and {[tuple(t.shape[1:]) for t in flat]};"
-                " pass points of the same kind (dim 0 indexes points)."
+                f"`x1` and `{name}` must have the same structure and the same per-point shapes, "
+                f"got {[tuple(t.shape[1:]) for t in other]} and "
+                f"{[tuple(t.shape[1:]) for t in flat]}; pass points of the same kind (dim 0 "
+                "indexes points)."
             )
 
 

@@ -37,7 +37,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -188,7 +187,8 @@ def parse_einsum(equation: str, shapes: Sequence[Sequence[int]]) -> tuple[list[s
     used = set(equation) - set(".,->")
     spare = [ch for ch in _LETTERS if ch not in used]
     ell = max(
-        (len(s) - len(spec) + 3 for spec, s in zip(specs, shapes) if "..." in spec), default=0
+        (len(s) - len(spec) + 3 for spec, s in zip(specs, shapes, strict=True) if "..." in spec),
+        default=0,
     )
     ell_letters = "".join(spare[:ell])
     spelt = []
