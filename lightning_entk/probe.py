@@ -12,7 +12,6 @@ are the points, passed to the model as keyword arguments.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -339,8 +338,3 @@ def kernel_memory_bytes(rows: int) -> int:
     """Memory of one evaluation's dense kernel work: the kernel in its own dtype, a float64 copy,
     eigenvectors and the previous kernel kept for velocity: about 4 R^2 float64 entries."""
     return 4 * 8 * rows**2
-
-
-def max_rows_within(memory_budget: int) -> int:
-    """Largest R with :func:`kernel_memory_bytes` (R) within ``memory_budget``."""
-    return math.isqrt(memory_budget // 32)

@@ -18,13 +18,13 @@ projections inside are seen one by one.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten
 
 from lightning_entk.kernel.rules import (
     Unsupported,
@@ -206,12 +206,12 @@ class Capture(TorchFunctionMode):
                 args, kwargs, ("input", "normalized_shape", "weight", "bias", "eps")
             )
             y = F.layer_norm(x, shape, None, None, 1e-5 if eps is None else eps)
-            return self._affine(y, weight, bias, trailing=len(shape))
+            return self._affine(y, weight, bias)
         if func is getattr(F, "rms_norm", None):
             x, shape, weight, eps = _bind(
                 args, kwargs, ("input", "normalized_shape", "weight", "eps")
             )
-            return self._affine(F.rms_norm(x, shape, None, eps), weight, None, len(shape))
+            return self._affine(F.rms_norm(x, shape, None, eps), weight, None)
         if func is F.group_norm:
             x, groups, weight, bias, eps = _bind(
                 args, kwargs, ("input", "num_groups", "weight", "bias", "eps")
@@ -338,7 +338,7 @@ class Capture(TorchFunctionMode):
         y = a.add_(b, alpha=scale) if inplace is not None else torch.add(a, b, alpha=scale)
         return self._commit(y, forms, inplace=inplace is not None)
 
-    def _affine(self, y, weight, bias, trailing=0, channel_dim=False):
+    def _affine(self, y, weight, bias, channel_dim=False):
         if weight is not None:
             w = self._channel_view(weight, y.ndim) if channel_dim else weight
             y = self.__torch_function__(torch.mul, (), (y, w)) if id(w) in self.views else y * w
@@ -408,12 +408,3 @@ def _bind(args: tuple, kwargs: dict, names: tuple[str, ...]) -> list:
         if name in kwargs:
             values[i] = kwargs[name]
     return values[: len(names)]
-
-
-def zero_perturbations(shapes: list[tuple[int, ...]], like: Tensor, n: int) -> tuple:
-    """Zero perturbations for ``n`` examples."""
-    return tuple(like.new_zeros(n, *s) for s in shapes)
-
-
-def map_points(fn: Callable, points: object) -> object:
-    return tree_map(fn, points)
