@@ -79,7 +79,7 @@ class ENTKMonitor(Callback):
         every_n_train_steps: evaluate after every n-th optimizer step (``None``: never).
         mode: ``"trace"`` (N x N, the *sum* over outputs) or ``"flatten"`` (C*N x C*N).
         max_probe_points: cap on the points drawn when ``probe`` is ``None``.
-        params, output_fn, output_weights, forward_fn: as in
+        params, output_fn, output_weights, forward_fn, method: as in
             :func:`~lightning_entk.empirical_ntk` (``forward_fn(model, points) -> (N, C)`` for
             a model no default call covers).
         output_projections: for many outputs (trace mode): estimate the kernel from this many
@@ -120,6 +120,7 @@ class ENTKMonitor(Callback):
         output_weights: Tensor | None = None,
         output_projections: int | None = None,
         forward_fn: ForwardFn = None,
+        method: str = "auto",
         accuracy_key: str | None = "val_acc",
         early_warning: EarlyWarning | None = None,
         on_transition: Callable[[PhaseTransition], None] | None = None,
@@ -154,6 +155,10 @@ class ENTKMonitor(Callback):
             raise ValueError(
                 f"`output_projections` must be a positive int or None, got {output_projections!r}."
             )
+        if method not in ("auto", "structured", "jacobian"):
+            raise ValueError(
+                f"`method` must be one of ('auto', 'structured', 'jacobian'), got {method!r}."
+            )
         if forward_fn is not None and not callable(forward_fn):
             raise ValueError(
                 f"`forward_fn` must be callable (model, points) -> (N, C), got {forward_fn!r}."
@@ -172,6 +177,7 @@ class ENTKMonitor(Callback):
         self.output_weights = output_weights
         self.output_projections = output_projections
         self.forward_fn = forward_fn
+        self.method = method
         self.accuracy_key = accuracy_key
         self.early_warning = EarlyWarning(accuracy_key) if early_warning is None else early_warning
         self.on_transition = on_transition
@@ -377,12 +383,8 @@ class ENTKMonitor(Callback):
                     pl_module,
                     self.probe,
                     mode=self.mode,
-                    params=self.params,
-                    output_fn=self.output_fn,
-                    output_weights=self.output_weights,
                     output_projections=self.output_projections,
-                    forward_fn=self.forward_fn,
-                    memory_budget=self.memory_budget // 2,
+                    **self._kernel_options(),
                     previous_kernel=self._previous_kernel,
                     features=self._features,
                     cliff_options=self.cliff_options,
@@ -494,6 +496,7 @@ class ENTKMonitor(Callback):
             "output_fn": self.output_fn,
             "output_weights": self.output_weights,
             "forward_fn": self.forward_fn,
+            "method": self.method,
             "memory_budget": self.memory_budget // 2,
         }
 

@@ -104,6 +104,7 @@ def evaluate(
     output_weights: Tensor | None = None,
     output_projections: int | None = None,
     forward_fn: ForwardFn = None,
+    method: str = "auto",
     memory_budget: int | None = None,
     previous_kernel: Tensor | None = None,
     features: Mapping[str, Tensor] | None = None,
@@ -130,6 +131,7 @@ def evaluate(
             output_weights=output_weights,
             output_projections=output_projections,
             forward_fn=forward_fn,
+            method=method,
             memory_budget=memory_budget,
         )
     if not torch.isfinite(kernel).all():

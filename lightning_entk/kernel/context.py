@@ -419,8 +419,8 @@ class NTKContext:
                 break
             found.generic.update(dict.fromkeys(opaque, "used in an operation no rule covers"))
             watched = [n for n in watched if n not in opaque]
-        if found.uses and not self._batch_aligned(found, x, watched):
-            found.capture = "vmap"
+        if found.uses:
+            found.capture = self._choose_capture(found, take(x, slice(0, min(3, num_points(x)))))
         used = {u.param for u in found.uses}
         for name in watched:
             if name not in used and name not in found.generic:
@@ -428,21 +428,38 @@ class NTKContext:
         self._structure = found
         return found
 
-    def _batch_aligned(self, found: Structure, x: Points, watched: list[str]) -> bool:
+    def _choose_capture(self, found: Structure, sample: Points) -> str:
+        """How points are captured, from a trial on a few points: ``"batched"`` when the model
+        is batch-aligned (:meth:`_batch_aligned`) and a batched pass passes :meth:`_check`,
+        else ``"vmap"``, else (``vmap`` cannot batch the model) ``"per point"``."""
+        if self._batch_aligned(found, sample):
+            found.capture = "batched"
+            watched = {n: self.params[n] for n in found.structured}
+            try:
+                grads, factors = self._batched_chunk(found, watched, sample)
+                if not self._check(found.uses, _use_factors(found.uses, grads, factors), sample):
+                    return "batched"
+            except RuntimeError:  # a shared output that cannot take a point dim
+                pass
+        found.capture = "vmap"
+        self._captured_chunk(found, sample)  # falls to "per point" if vmap cannot batch it
+        return found.capture
+
+    def _batch_aligned(self, found: Structure, x: Points) -> bool:
         """Whether every use's output has the points along dim 0 (alone, or merged point-major
         with positions, as ``x.view(-1, d)`` does) or is shared by all points (a positional
         table looked up without a batch dim), as in most models: then a chunk of points is
         captured in one batched pass, each point's positions in its own slice, a shared output
         perturbed per point by broadcasting (checked in :meth:`_check`; a model that fails
         it is captured under ``vmap``)."""
-        n = min(3, num_points(x))
+        n = num_points(x)
         if n == 1:
             found.shared = [False] * len(found.z_shapes)
             return True
-        capture = Capture({name: self.params[name] for name in watched})
+        capture = Capture({name: self.params[name] for name in found.structured})
         try:
             with torch.no_grad():
-                self.forward(self.params, take(x, slice(0, n)), capture)
+                self.forward(self.params, x, capture)
         except Exception:
             return False
         if len(capture.z_shapes) != len(found.z_shapes):
@@ -497,7 +514,7 @@ class NTKContext:
         n = num_points(chunk)
         like = next(iter(watched.values()))
         zs = tuple(
-            like.new_zeros(*((n, *s) if shared else (n * s[0], *s[1:]))).requires_grad_()
+            like.new_zeros(*_batched_shape(s, shared, n)).requires_grad_()
             for s, shared in zip(structure.z_shapes, structure.shared, strict=True)
         )
         capture = Capture(watched, zs)
@@ -624,6 +641,15 @@ class NTKContext:
                 )
                 blocks.append(self._column_block(columns, self.params[name].numel(), n, c))
         return blocks
+
+
+def _batched_shape(shape: tuple[int, ...], shared: bool, n: int) -> tuple[int, ...]:
+    """The shape of an operation's perturbation for ``n`` points in one batched pass: its
+    points along dim 0, merged point-major with the first dim, or, for an output shared by all
+    points, a points dim in place of a leading 1 (or in front), as broadcasting would put it."""
+    if not shared:
+        return (n * shape[0], *shape[1:])
+    return (n, *shape[1:]) if shape[:1] == (1,) else (n, *shape)
 
 
 def _empty_like(t: Tensor | None, n: int) -> Tensor | None:

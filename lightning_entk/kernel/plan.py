@@ -9,6 +9,7 @@ memory is counted array by array.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -116,7 +117,7 @@ def ntk_plan(
     ) as ctx:  # fmt: skip
         start = time.perf_counter()
         structure = ctx.structure(ctx.x1)
-        forward_seconds = time.perf_counter() - start
+        forward_seconds = time.perf_counter() - start  # discovery and a trial capture
         c = _outputs(ctx)
         n1 = num_points(ctx.x1)
         n2 = n1 if ctx.x2 is None else num_points(ctx.x2)
@@ -165,8 +166,11 @@ def _predict(ctx, structure, mode, c, n1, n2, forward_seconds) -> NTKPlan:
     generic_bytes = ctx.memory_budget // 4 if structure.generic else 0
     chunk = max(capture_bytes, generic_bytes)
     peak = factor_bytes + kernel_bytes + chunk
-    passes = n * c * (2 if structure.capture == "per point" else 0.05)  # batched: far less
-    seconds = flops_total / _flop_rate(ctx.dtype, ctx.device) + passes * forward_seconds
+    # Discovery ran the capture on (at most) 3 points: a batched pass over a chunk costs
+    # about as much (overhead-bound), vmap a little more per point, one point at a time N/3.
+    per_trial = {"batched": 1 / 256, "vmap": 1 / 64}.get(structure.capture, 1 / 3)
+    captures = max(1.0, n * per_trial) * forward_seconds if structure.uses else 0.0
+    seconds = flops_total / _flop_rate(ctx.dtype, ctx.device) + captures
     return NTKPlan(
         rows, n1, c, mode, seconds, int(peak), structure.capture, factor_bytes, kernel_bytes,
         chunk,
@@ -182,10 +186,12 @@ def _flop_rate(dtype: torch.dtype, device: torch.device) -> float:
     if key not in _RATES:
         a = torch.randn(512, 512, dtype=dtype, device=device)
         a @ a
-        start = time.perf_counter()
-        for _ in range(3):
+        best = math.inf
+        for _ in range(5):  # the fastest of a few: other work on the machine only slows one
+            start = time.perf_counter()
             a @ a
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        _RATES[key] = 3 * 2 * 512**3 / max(time.perf_counter() - start, 1e-9)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - start)
+        _RATES[key] = 2 * 512**3 / max(best, 1e-9)
     return _RATES[key]
