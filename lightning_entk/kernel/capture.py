@@ -82,12 +82,19 @@ class Capture(TorchFunctionMode):
         params: name -> the tensor the forward pass uses for that parameter.
         perturbations: ``None`` on a first pass (shapes only); after it, one tensor per
             operation, in the order of :attr:`z_shapes`, added to that operation's output.
+        indices: name -> :func:`element_indices` of the parameter, when already made.
     """
 
-    def __init__(self, params: dict[str, Tensor], perturbations: tuple | None = None) -> None:
+    def __init__(
+        self,
+        params: dict[str, Tensor],
+        perturbations: tuple | None = None,
+        indices: dict[str, Tensor] | None = None,
+    ) -> None:
         super().__init__()
+        indices = indices or {}
         self.views = {
-            id(p): _View(name, torch.arange(p.numel(), device=p.device).view(p.shape), 1.0, p)
+            id(p): _View(name, indices[name] if name in indices else element_indices(p), 1.0, p)
             for name, p in params.items()
         }
         self.perturbations = perturbations
@@ -391,6 +398,11 @@ def _torch_function_checks_off() -> Iterator[None]:
         yield
     finally:
         F.has_torch_function = original
+
+
+def element_indices(p: Tensor) -> Tensor:
+    """The flat index of each element of ``p``, in its shape."""
+    return torch.arange(p.numel(), device=p.device).view(p.shape)
 
 
 def _tensors(tree: object) -> list[Tensor]:

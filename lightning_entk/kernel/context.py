@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 from torch.utils._pytree import tree_map
 
-from lightning_entk.kernel.capture import Capture
+from lightning_entk.kernel.capture import Capture, element_indices
 from lightning_entk.kernel.factors import ColumnBlock, FactorBlock, Jacobian
 from lightning_entk.kernel.generic import generic_columns
 from lightning_entk.kernel.points import (
@@ -46,6 +46,7 @@ from lightning_entk.kernel.points import (
     call_model,
     check_points,
     num_points,
+    quiet_batching_fallback,
     take,
     to_compute,
 )
@@ -303,6 +304,7 @@ class Structure:
     generic: dict[str, str] = field(default_factory=dict)
     capture: str = "batched"  # "batched", "vmap" or "per point" (see :meth:`NTKContext.structure`)
     shared: list[bool] = field(default_factory=list)  # per operation: output has no point dim
+    checked: bool = False  # the capture passed :meth:`NTKContext._check` already
 
     @property
     def structured(self) -> list[str]:
@@ -338,6 +340,7 @@ class NTKContext:
         self._wrapper = _Forward(self.model, self.forward_fn)
         self.projection: Tensor | None = None  # (C, s), drawn once for all points
         self._structure: Structure | None = None
+        self._indices: dict[str, Tensor] = {}
 
     # ---------------------------------------------------------------------------------------
     # Forward passes.
@@ -387,6 +390,14 @@ class NTKContext:
     def _state(self) -> dict[str, Tensor]:
         return {f"model.{k}": v for k, v in {**self.params, **self.buffers}.items()}
 
+    def _capture(self, names: Iterable[str], perturbations: tuple | None = None) -> Capture:
+        """A capture watching the parameters ``names``; their element indices made once."""
+        for name in names:
+            if name not in self._indices:
+                self._indices[name] = element_indices(self.params[name])
+        watched = {name: self.params[name] for name in names}
+        return Capture(watched, perturbations, self._indices)
+
     # ---------------------------------------------------------------------------------------
     # Discovery.
 
@@ -402,7 +413,7 @@ class NTKContext:
         watched = list(self.names)
         one = take(x, slice(0, 1))
         while True:
-            capture = Capture({n: self.params[n] for n in watched})
+            capture = self._capture(watched)
             try:
                 with torch.no_grad():
                     self.forward(self.params, one, capture)
@@ -438,6 +449,7 @@ class NTKContext:
             try:
                 grads, factors = self._batched_chunk(found, watched, sample)
                 if not self._check(found.uses, _use_factors(found.uses, grads, factors), sample):
+                    found.checked = True  # on the points the first chunk starts with
                     return "batched"
             except RuntimeError:  # a shared output that cannot take a point dim
                 pass
@@ -456,7 +468,7 @@ class NTKContext:
         if n == 1:
             found.shared = [False] * len(found.z_shapes)
             return True
-        capture = Capture({name: self.params[name] for name in found.structured})
+        capture = self._capture(found.structured)
         try:
             with torch.no_grad():
                 self.forward(self.params, x, capture)
@@ -491,7 +503,7 @@ class NTKContext:
                 structure.capture = "vmap"
 
         def per_point(zs: tuple, point: Points) -> tuple[Tensor, tuple]:
-            capture = Capture(watched, zs)
+            capture = self._capture(watched, zs)
             out = self.forward(self.params, tree_map(lambda t: t.unsqueeze(0), point), capture)
             return out[0], tuple(capture.factors)
 
@@ -499,7 +511,8 @@ class NTKContext:
         if structure.capture == "vmap":
             zs = tuple(like.new_zeros(n, *s) for s in structure.z_shapes)
             try:
-                grads, factors = vmap(differentiate)(zs, chunk)
+                with quiet_batching_fallback():
+                    grads, factors = vmap(differentiate)(zs, chunk)
                 return list(grads), list(factors)
             except RuntimeError:  # data-dependent control flow, or an op vmap cannot batch
                 structure.capture = "per point"
@@ -517,7 +530,7 @@ class NTKContext:
             like.new_zeros(*_batched_shape(s, shared, n)).requires_grad_()
             for s, shared in zip(structure.z_shapes, structure.shared, strict=True)
         )
-        capture = Capture(watched, zs)
+        capture = self._capture(watched, zs)
         with torch.enable_grad():
             out = self.forward(self.params, chunk, capture)
             grads = output_gradients(out, list(zs))
@@ -569,7 +582,7 @@ class NTKContext:
             grads, factors = self._captured_chunk(structure, chunk)
             per_use = _use_factors(structure.uses, grads, factors)
             if start == 0:
-                failed = self._check(structure.uses, per_use, chunk)
+                failed = {} if structure.checked else self._check(structure.uses, per_use, chunk)
                 if failed and structure.capture == "batched":
                     structure.capture = "vmap"  # positions were not where the batch had them
                     return self._factor_parts(structure, x)
@@ -607,7 +620,9 @@ class NTKContext:
         failed = {}
         for i in range(min(2, num_points(chunk))):
             v = torch.randn(1, c, generator=generator, dtype=self.dtype).to(self.device)
-            leaves = {k: p.clone().requires_grad_(k in names) for k, p in self.params.items()}
+            leaves = {
+                k: p.detach().requires_grad_() if k in names else p for k, p in self.params.items()
+            }
             with torch.enable_grad():
                 out = self.forward(leaves, take(chunk, slice(i, i + 1)))
                 true = torch.autograd.grad(out, [leaves[k] for k in names], v, allow_unused=True)
@@ -632,7 +647,7 @@ class NTKContext:
         blocks = []
         for name, idx in by_param.items():
             layout = uses[idx[0]].layout
-            injective = layout.reshape(-1).unique().numel() == layout.numel()
+            injective = bool(torch.bincount(layout.reshape(-1)).max() <= 1)  # no entry twice
             if _same_layout([uses[i] for i in idx]) and injective:
                 blocks.append(_factor_block([uses[i] for i in idx], [parts[i] for i in idx]))
             else:

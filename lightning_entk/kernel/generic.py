@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.func import jacrev, vmap
 
-from lightning_entk.kernel.points import Points, num_points, take
+from lightning_entk.kernel.points import Points, num_points, quiet_batching_fallback, take
 
 
 def generic_columns(
@@ -63,7 +63,9 @@ def generic_columns(
         for start in range(0, n, step):
             chunk = take(points, slice(start, start + step))
             try:
-                out[start : start + step] = vmap(differentiate, in_dims=(None, 0))(delta, chunk)
+                with quiet_batching_fallback():
+                    batched = vmap(differentiate, in_dims=(None, 0))
+                    out[start : start + step] = batched(delta, chunk)
             except RuntimeError:  # an operation vmap cannot batch: one point at a time
                 for i in range(num_points(chunk)):
                     out[start + i] = differentiate(delta, take(chunk, i))

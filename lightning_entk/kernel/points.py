@@ -10,8 +10,10 @@ call altogether (several arguments, extra keyword arguments).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +22,15 @@ from torch.utils._pytree import tree_flatten, tree_map
 Points = Tensor | tuple | list | dict
 OutputFn = Callable[[object], Tensor] | None
 ForwardFn = Callable[[nn.Module, Points], Tensor] | None
+
+
+@contextlib.contextmanager
+def quiet_batching_fallback() -> Iterator[None]:
+    """Silence torch.func's notice that an operation has no batching rule (it then loops over
+    the batch): the engine chose ``vmap`` knowingly, and the user can do nothing about it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="There is a performance drop because we have")
+        yield
 
 
 def leaves(points: Points) -> list[Tensor]:
