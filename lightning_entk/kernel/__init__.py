@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from lightning_entk.kernel.context import (
     DEFAULT_MEMORY_BUDGET,
+    Groups,
     NTKContext,
     NTKMethod,
     ParamSelection,
@@ -62,6 +63,7 @@ MODES = ("full", "trace", "diagonal", "flatten")
 __all__ = [
     "DEFAULT_MEMORY_BUDGET",
     "MODES",
+    "Groups",
     "Jacobian",
     "NTKContext",
     "NTKMethod",
@@ -95,7 +97,8 @@ def empirical_ntk(
     projection_seed: int = 0,
     forward_fn: ForwardFn = None,
     memory_budget: int | None = None,
-) -> Tensor:
+    groups: Groups = None,
+) -> Tensor | dict[str, Tensor]:
     """Empirical NTK ``J(x1) J(x2)^T`` of ``model`` between two sets of points.
 
     Every parameter is recognised by the operations that use it (see :class:`NTKMethod` and
@@ -154,9 +157,14 @@ def empirical_ntk(
         memory_budget: bytes that the evaluation's own arrays may take (Jacobian columns of
             the generic path, output gradients of one pass); ``None`` for 2 GiB. Work is
             split into more, smaller pieces to stay within it.
+        groups: ``None`` for the whole kernel; else the kernel of each parameter group, as a
+            dict, in one pass (the kernel is a sum over parameters, so the groups' kernels sum
+            to the whole): ``"modules"`` (the model's top-level children), a callable
+            ``name -> group``, or a mapping ``group -> parameter names`` (or predicate), the
+            parameters no group claims in ``"other"``.
 
     Returns:
-        The kernel, in the shape given by ``mode``.
+        The kernel, in the shape given by ``mode``; with ``groups``, a dict group -> kernel.
 
     Raises:
         ValueError: for an unknown mode or method, points of different structures or shapes,
@@ -177,6 +185,9 @@ def empirical_ntk(
         >>> estimate = empirical_ntk(model, x, output_projections=torch.eye(2, dtype=x.dtype))
         >>> torch.allclose(estimate, exact)
         True
+        >>> parts = empirical_ntk(model, x, groups="modules")  # children "0" and "2"
+        >>> sorted(parts), torch.allclose(parts["0"] + parts["2"], exact)
+        (['0', '2'], True)
     """
     _check_choice("mode", mode, MODES)
     check_projection_mode(output_projections, mode)
@@ -193,7 +204,8 @@ def empirical_ntk(
         projection_seed=projection_seed,
         forward_fn=forward_fn,
         memory_budget=memory_budget,
+        groups=groups,
     ) as ctx:
         j1 = ctx.jacobian(ctx.x1)
         j2 = j1 if ctx.x2 is None else ctx.jacobian(ctx.x2)
-        return j1.kernel(j2, mode)
+        return j1.kernel(j2, mode) if groups is None else j1.group_kernels(j2, mode)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -181,6 +181,48 @@ def select_parameters(model: nn.Module, params: ParamSelection) -> list[str]:
     return chosen
 
 
+Groups = str | Mapping[str, Iterable[str] | Callable[[str], bool]] | Callable[[str], str] | None
+
+
+def parameter_groups(model: nn.Module, names: list[str], groups: Groups) -> dict[str, str]:
+    """Parameter name -> group name for every counted parameter (``names``).
+
+    ``groups`` is ``"modules"`` (the model's top-level children, a parameter of the model itself
+    its own group), a callable ``name -> group``, or a mapping ``group -> parameter names``
+    (or ``group -> predicate(name)``); a parameter no group of a mapping claims is in
+    ``"other"``.
+
+    Raises:
+        ValueError: for another kind of ``groups``, a name the model does not have, or a
+            parameter claimed by two groups.
+    """
+    if groups == "modules":
+        return {n: n.split(".", 1)[0] for n in names}
+    if callable(groups):
+        return {n: str(groups(n)) for n in names}
+    if not isinstance(groups, Mapping):
+        raise ValueError(
+            "`groups` must be 'modules', a callable name -> group, or a mapping group -> "
+            f"parameter names (or predicate), got {groups!r}."
+        )
+    found: dict[str, str] = {}
+    known = dict(model.named_parameters())
+    for group, members in groups.items():
+        chosen = (
+            [n for n in names if members(n)]
+            if callable(members)
+            else [members] if isinstance(members, str) else list(members)
+        )  # fmt: skip
+        unknown = [m for m in chosen if m not in known]
+        if unknown:
+            raise ValueError(f"`groups[{group!r}]` names {unknown}, which the model does not have.")
+        for m in chosen:
+            if m in found and found[m] != group:
+                raise ValueError(f"Parameter {m!r} is in two groups, {found[m]!r} and {group!r}.")
+            found[m] = group
+    return {n: found.get(n, "other") for n in names}
+
+
 def compute_dtype(model: nn.Module) -> torch.dtype:
     """float64 for a float64 model, float32 otherwise (half precision is never used)."""
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
@@ -233,6 +275,7 @@ def ntk_context(
     projection_seed: int = 0,
     forward_fn: ForwardFn = None,
     memory_budget: int | None = None,
+    groups: Groups = None,
 ) -> Iterator[NTKContext]:
     """Validate the arguments and yield a context that computes Jacobian blocks (of the
     projected outputs when ``output_projections`` is given, see
@@ -252,6 +295,7 @@ def ntk_context(
     if x2 is not None:
         check_points("x2", x2, like=x1)
     names = select_parameters(model, params)
+    group_of = None if groups is None else parameter_groups(model, names, groups)
     dtype = compute_dtype(model)
     device = next(model.parameters()).device
     if output_weights is not None:
@@ -275,6 +319,7 @@ def ntk_context(
             projection_seed=projection_seed,
             forward_fn=forward_fn,
             memory_budget=budget,
+            group_of=group_of,
         )
 
 
@@ -326,6 +371,7 @@ class NTKContext:
     projection_seed: int = 0
     forward_fn: ForwardFn = None
     memory_budget: int = DEFAULT_MEMORY_BUDGET
+    group_of: dict[str, str] | None = None  # parameter -> group, for per-group kernels
 
     def __post_init__(self) -> None:
         self.params = {
@@ -554,14 +600,18 @@ class NTKContext:
             uses = structure.uses
         else:
             c = self._num_outputs(x)
-        blocks = self._assemble(uses, parts, n, c)
-        if structure.generic:
-            names = [m for m in self.names if m in structure.generic]
+        blocks, owners = self._assemble(uses, parts, n, c)
+        group = self.group_of or dict.fromkeys(self.names, "")
+        generic = [m for m in self.names if m in structure.generic]
+        for key in dict.fromkeys(group[m] for m in generic):  # one block per group
+            names = [m for m in generic if group[m] == key]
             columns, size = generic_columns(
                 names, self.params, self.forward_one, x, c, self.memory_budget // 4
             )
             blocks.append(self._column_block(columns, size, n, c))
-        return Jacobian(blocks, n, c, self.dtype, self.device)
+            owners.append(names[0])
+        groups = [group[m] for m in owners] if self.group_of else None
+        return Jacobian(blocks, n, c, self.dtype, self.device, groups)
 
     def _num_outputs(self, x: Points) -> int:
         with torch.no_grad():
@@ -644,8 +694,9 @@ class NTKContext:
         by_param: dict[str, list[int]] = {}
         for i, use in enumerate(uses):
             by_param.setdefault(use.param, []).append(i)
-        blocks = []
+        blocks, owners = [], []
         for name, idx in by_param.items():
+            owners.append(name)
             layout = uses[idx[0]].layout
             injective = bool(torch.bincount(layout.reshape(-1)).max() <= 1)  # no entry twice
             if _same_layout([uses[i] for i in idx]) and injective:
@@ -655,7 +706,7 @@ class NTKContext:
                     [uses[i] for i in idx], [parts[i] for i in idx], n, c, self.memory_budget // 8
                 )
                 blocks.append(self._column_block(columns, self.params[name].numel(), n, c))
-        return blocks
+        return blocks, owners
 
 
 def _batched_shape(shape: tuple[int, ...], shared: bool, n: int) -> tuple[int, ...]:

@@ -260,6 +260,7 @@ class Jacobian:
     num_outputs: int
     dtype: torch.dtype
     device: torch.device
+    groups: list[str] | None = None  # the parameter group of each block, when asked for
 
     @property
     def num_parameters(self) -> int:
@@ -268,19 +269,28 @@ class Jacobian:
     def kernel(self, other: Jacobian, mode: str) -> Tensor:
         """``J J'^T`` in the layout of ``mode`` (see the package docstring). With ``other``
         this same Jacobian, only half of each symmetric Gram product is computed."""
+        return self._kernels(other, mode, [None] * len(self.blocks))[None]
+
+    def group_kernels(self, other: Jacobian, mode: str) -> dict[str, Tensor]:
+        """The kernel of each parameter group (:attr:`groups`), in one pass over the blocks:
+        they sum to :meth:`kernel`."""
+        return self._kernels(other, mode, self.groups)
+
+    def _kernels(self, other: Jacobian, mode: str, keys: list) -> dict:
         reduced = "full" if mode == "flatten" else mode
-        k = None
-        for b1, b2 in zip(self.blocks, other.blocks, strict=True):
+        n1, n2, c = self.num_points, other.num_points, self.num_outputs
+        shape = {"trace": (n1, n2), "diagonal": (n1, n2, c)}.get(reduced, (n1, n2, c, c))
+        sums: dict = {}
+        for key in dict.fromkeys(keys):
+            sums[key] = None
+        for key, b1, b2 in zip(keys, self.blocks, other.blocks, strict=True):
             part = b1.kernel(b2, reduced)
-            k = part if k is None else k.add_(part)
-        if k is None:
-            n1, n2, c = self.num_points, other.num_points, self.num_outputs
-            shape = {"trace": (n1, n2), "diagonal": (n1, n2, c)}.get(reduced, (n1, n2, c, c))
-            k = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        if mode != "flatten":
-            return k
-        n1, n2, c, _ = k.shape
-        return k.permute(2, 0, 3, 1).reshape(c * n1, c * n2)
+            sums[key] = part if sums[key] is None else sums[key].add_(part)
+        out = {}
+        for key, k in sums.items():
+            k = torch.zeros(shape, dtype=self.dtype, device=self.device) if k is None else k
+            out[key] = k if mode != "flatten" else k.permute(2, 0, 3, 1).reshape(c * n1, c * n2)
+        return out if out else {None: torch.zeros(shape, dtype=self.dtype, device=self.device)}
 
     def kernel_matvec(self, v: Tensor, mode: str) -> Tensor:
         """``K v = J (J^T v)`` without forming K, for ``v`` in data space: (N,) for ``trace``,
