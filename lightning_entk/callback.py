@@ -27,6 +27,7 @@ from lightning_entk.alignment import feature_alignment
 from lightning_entk.early_warning import EarlyWarning, EvaluationRecord, PhaseTransition
 from lightning_entk.evaluation import Evaluation, evaluate, points_within_budget
 from lightning_entk.kernel import (
+    Groups,
     OutputFn,
     ParamSelection,
     check_projection_mode,
@@ -85,6 +86,12 @@ class ENTKMonitor(Callback):
         output_projections: for many outputs (trace mode): estimate the kernel from this many
             random projections of the outputs instead of one backward pass per output (see
             :func:`~lightning_entk.empirical_ntk`; the same projections at every evaluation).
+        groups: parameter groups whose own kernels (from the same pass) get their spectrum's
+            top, cliffs, kernel-target alignment and kernel regression logged under
+            ``entk/<group>/...``, beside the whole model's: ``"modules"`` (the top-level
+            children), a callable ``name -> group`` or a mapping ``group -> parameter names``
+            (see :func:`~lightning_entk.empirical_ntk`). ``None``: the whole model only.
+            Single-process runs only (under DDP the ranks share the whole kernel's work).
         accuracy_key: the network's own metric shown beside the spectrum and used by the early
             warning (looked up in ``trainer.callback_metrics``).
         early_warning: the detector, or ``None`` for none.
@@ -121,6 +128,7 @@ class ENTKMonitor(Callback):
         output_projections: int | None = None,
         forward_fn: ForwardFn = None,
         method: str = "auto",
+        groups: Groups = None,
         accuracy_key: str | None = "val_acc",
         early_warning: EarlyWarning | None = None,
         on_transition: Callable[[PhaseTransition], None] | None = None,
@@ -155,6 +163,13 @@ class ENTKMonitor(Callback):
             raise ValueError(
                 f"`output_projections` must be a positive int or None, got {output_projections!r}."
             )
+        if groups is not None and not (
+            groups == "modules" or callable(groups) or isinstance(groups, Mapping)
+        ):
+            raise ValueError(
+                "`groups` must be None, 'modules', a callable name -> group or a mapping group "
+                f"-> parameter names, got {groups!r}."
+            )
         if method not in ("auto", "structured", "jacobian"):
             raise ValueError(
                 f"`method` must be one of ('auto', 'structured', 'jacobian'), got {method!r}."
@@ -178,6 +193,7 @@ class ENTKMonitor(Callback):
         self.output_projections = output_projections
         self.forward_fn = forward_fn
         self.method = method
+        self.groups = groups
         self.accuracy_key = accuracy_key
         self.early_warning = EarlyWarning(accuracy_key) if early_warning is None else early_warning
         self.on_transition = on_transition
@@ -221,7 +237,8 @@ class ENTKMonitor(Callback):
             self._feature_pairs = bool(getattr(pl_module, "entk_feature_pairs", False))
         tensorboard = _tensorboard(trainer)
         if tensorboard is not None and trainer.is_global_zero:
-            tensorboard.experiment.add_custom_scalars(tensorboard_layout(self.accuracy_key))
+            layout = tensorboard_layout(self.accuracy_key, per_group=self.groups is not None)
+            tensorboard.experiment.add_custom_scalars(layout)
         if not self.history:  # not resumed: the kernel at initialization
             self._run_evaluation(trainer, pl_module, when="start")
 
@@ -384,6 +401,7 @@ class ENTKMonitor(Callback):
                     self.probe,
                     mode=self.mode,
                     output_projections=self.output_projections,
+                    groups=self.groups if kernel is None else None,
                     **self._kernel_options(),
                     previous_kernel=self._previous_kernel,
                     features=self._features,
@@ -561,12 +579,27 @@ def assemble_row_blocks(blocks: Tensor, n: int, outputs: int) -> Tensor:
     return by_class.reshape(outputs, world * share, columns)[:, :n].reshape(outputs * n, columns)
 
 
-def tensorboard_layout(accuracy_key: str | None) -> dict:
+def tensorboard_layout(accuracy_key: str | None, per_group: bool = False) -> dict:
     """TensorBoard's Custom Scalars layout of the monitor's charts: the network's accuracy
     (``accuracy_key``) and eNTK kernel regression in one chart, then the cliffs, the top
-    eigenvalues, and alignment and velocity. Tags are regular expressions (matched from the
-    start of a tag, as TensorBoard does)."""
+    eigenvalues, and alignment and velocity; with ``per_group``, the same signals of every
+    parameter group, one line per group. Tags are regular expressions (matched from the start
+    of a tag, as TensorBoard does)."""
     accuracy = [f"{re.escape(accuracy_key)}$"] if accuracy_key else []
+    groups = {
+        "eNTK per parameter group": {
+            "accuracy: network and each group's kernel regression": [
+                "Multiline",
+                [*accuracy, r"entk/[^/]+/kernel_regression_acc$"],
+            ],
+            "kernel-target alignment of each group": [
+                "Multiline",
+                [r"entk/[^/]+/kernel_target_alignment$"],
+            ],
+            "top eigenvalue of each group": ["Multiline", [r"entk/[^/]+/eigenvalue/top1$"]],
+            "cliffs found in each group": ["Multiline", [r"entk/[^/]+/num_cliffs$"]],
+        }
+    }
     return {
         "eNTK monitor": {
             "accuracy: network and eNTK kernel regression": [
@@ -583,7 +616,8 @@ def tensorboard_layout(accuracy_key: str | None) -> dict:
                 "Multiline",
                 [r"entk/kernel_target_alignment$", r"entk/kernel_velocity$"],
             ],
-        }
+        },
+        **(groups if per_group else {}),
     }
 
 

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from lightning_entk.alignment import subspace_overlap
 from lightning_entk.cliffs import FLOAT32_ROUND_OFF, Cliff, find_cliffs
 from lightning_entk.kernel import (
+    Groups,
     NTKPlan,
     OutputFn,
     ParamSelection,
@@ -111,16 +112,21 @@ def evaluate(
     cliff_options: Mapping[str, object] | None = None,
     keep_eigenvectors: bool = False,
     kernel: Tensor | None = None,
+    groups: Groups = None,
 ) -> Evaluation:
     """Compute the eNTK of ``model`` on ``probe`` and everything the monitor logs about it.
 
     ``kernel``: the eNTK of the probe set in ``mode`` when the caller has it already (e.g.
     assembled from row blocks computed by several processes); computed here when ``None``.
+    ``groups``: parameter groups (see :func:`~lightning_entk.empirical_ntk`) whose kernels,
+    from the same pass, get their own spectrum, cliffs and label signals under
+    ``entk/<group>/...`` (not with a given ``kernel``).
 
     Raises:
         FloatingPointError: if the kernel is not finite (the caller skips the evaluation).
     """
     start = time.perf_counter()
+    parts: dict[str, Tensor] = {}
     if kernel is None:
         kernel = empirical_ntk(
             model,
@@ -133,27 +139,28 @@ def evaluate(
             forward_fn=forward_fn,
             method=method,
             memory_budget=memory_budget,
+            groups=groups,
         )
+        if groups is not None:
+            parts, kernel = kernel, sum(kernel.values())
     if not torch.isfinite(kernel).all():
         raise FloatingPointError("the eNTK has NaN or inf entries (diverging weights?)")
     kernel = kernel.to(torch.float64)
     need_vectors = bool(features) or keep_eigenvectors
-    spectrum = Spectrum.from_kernel(kernel, eigenvectors=need_vectors)
+    rtol = ROUND_OFF_RTOL[compute_dtype(model)]
+    spectrum, cliffs, metrics = kernel_metrics(
+        kernel, probe, mode, cliff_options, rtol, eigenvectors=need_vectors
+    )
     eigenvalues = spectrum.eigenvalues.cpu().numpy()
-    cliffs = find_cliffs(eigenvalues, **(cliff_options or {}))
-    metrics = spectrum_metrics(spectrum, cliffs)
+    for group, part in parts.items():
+        _, _, group_metrics = kernel_metrics(
+            part.to(torch.float64), probe, mode, cliff_options, rtol
+        )
+        metrics.update(
+            {f"entk/{group}/{k.removeprefix('entk/')}": v for k, v in group_metrics.items()}
+        )
     if previous_kernel is not None:
         metrics["entk/kernel_velocity"] = kernel_velocity(previous_kernel, kernel)
-    if probe.y is not None and mode == "trace":
-        targets = torch.nn.functional.one_hot(probe.y.to(kernel.device).long()).to(kernel.dtype)
-        metrics["entk/kernel_target_alignment"] = kernel_target_alignment(kernel, targets)
-        if probe.heldout is not None:
-            metrics["entk/kernel_regression_acc"] = kernel_regression_accuracy(
-                kernel,
-                targets,
-                probe.heldout.to(kernel.device),
-                rtol=ROUND_OFF_RTOL[compute_dtype(model)],
-            )
     overlaps = {}
     if features:
         overlaps = segment_overlaps(spectrum.eigenvectors, cliffs, features)
@@ -168,6 +175,30 @@ def evaluate(
         eigenvectors=spectrum.eigenvectors if need_vectors else None,
         kernel=kernel,
     )
+
+
+def kernel_metrics(
+    kernel: Tensor,
+    probe: ProbeSet,
+    mode: str,
+    cliff_options: Mapping[str, object] | None,
+    rtol: float,
+    eigenvectors: bool = False,
+) -> tuple[Spectrum, list[Cliff], dict[str, float]]:
+    """A float64 kernel's spectrum, cliffs and scalars: those of :func:`spectrum_metrics`, and
+    with labels (trace mode) the kernel-target alignment and, with held-out points, the
+    accuracy of kernel regression."""
+    spectrum = Spectrum.from_kernel(kernel, eigenvectors=eigenvectors)
+    cliffs = find_cliffs(spectrum.eigenvalues.cpu().numpy(), **(cliff_options or {}))
+    metrics = spectrum_metrics(spectrum, cliffs)
+    if probe.y is not None and mode == "trace":
+        targets = torch.nn.functional.one_hot(probe.y.to(kernel.device).long()).to(kernel.dtype)
+        metrics["entk/kernel_target_alignment"] = kernel_target_alignment(kernel, targets)
+        if probe.heldout is not None:
+            metrics["entk/kernel_regression_acc"] = kernel_regression_accuracy(
+                kernel, targets, probe.heldout.to(kernel.device), rtol=rtol
+            )
+    return spectrum, cliffs, metrics
 
 
 def spectrum_metrics(spectrum: Spectrum, cliffs: list[Cliff]) -> dict[str, float]:

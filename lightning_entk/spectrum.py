@@ -33,6 +33,7 @@ from scipy.sparse.linalg import LinearOperator, eigsh
 from torch import Tensor, nn
 
 from lightning_entk.kernel import (
+    Groups,
     Jacobian,
     OutputFn,
     ParamSelection,
@@ -40,6 +41,7 @@ from lightning_entk.kernel import (
     check_projection_mode,
     ntk_context,
 )
+from lightning_entk.kernel.points import ForwardFn
 
 SPECTRUM_MODES = ("trace", "flatten")
 ROUTES = ("auto", "kernel", "parameter", "matrix_free")
@@ -121,11 +123,13 @@ def ntk_spectrum(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     output_projections: int | Tensor | None = None,
     projection_seed: int = 0,
-) -> Spectrum:
+    forward_fn: ForwardFn = None,
+    groups: Groups = None,
+) -> Spectrum | dict[str, Spectrum]:
     """Top-``k`` eigenpairs of the empirical NTK of ``model`` on points ``x``.
 
     Args:
-        model, x, params, output_fn, output_weights, method, batch_size: as in
+        model, x, params, output_fn, output_weights, method, batch_size, forward_fn: as in
             :func:`~lightning_entk.empirical_ntk`.
         mode: ``"trace"`` (N x N, the *sum* over outputs) or ``"flatten"`` (C*N x C*N).
         k: eigenpairs wanted; ``None`` for every one that can be nonzero, ``min(R, P)``.
@@ -141,8 +145,12 @@ def ntk_spectrum(
             :func:`~lightning_entk.empirical_ntk`): ``s`` backward passes instead of C, for
             models with many outputs.
 
+        groups: as in :func:`~lightning_entk.empirical_ntk`: the spectrum of each parameter
+            group's kernel (a dict), the kernels from one pass, each solved on the kernel
+            route (all groups' R x R kernels are held at once).
+
     Returns:
-        A :class:`Spectrum`.
+        A :class:`Spectrum`, or with ``groups`` a dict group -> :class:`Spectrum`.
 
     Raises:
         ValueError: for a mode without a square kernel, ``k`` out of range, an unknown route,
@@ -173,9 +181,16 @@ def ntk_spectrum(
         batch_size,
         output_projections=output_projections,
         projection_seed=projection_seed,
+        forward_fn=forward_fn,
+        memory_budget=memory_budget,
+        groups=groups,
     ) as ctx:
         jac = ctx.jacobian(ctx.x1)
     rows = jac.num_points * (jac.num_outputs if mode == "flatten" else 1)
+    if groups is not None:  # each group's kernel, from one pass, solved on its own
+        k = _check_k(k, rows)
+        kernels = jac.group_kernels(jac, mode)
+        return {g: Spectrum.from_kernel(kernel, k, eigenvectors) for g, kernel in kernels.items()}
     columns = jac.num_parameters * (jac.num_outputs if mode == "trace" else 1)
     k = _check_k(k, rows, limit=min(rows, columns))
     if route == "matrix_free" and k >= rows:

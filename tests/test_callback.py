@@ -162,6 +162,10 @@ def test_monitor_non_finite_kernel_is_skipped(tmp_path):
 def test_monitor_invalid_arguments_fail_at_construction():
     with pytest.raises(ValueError, match="`every_n_epochs` must be a positive int"):
         ENTKMonitor(every_n_epochs=0)
+    with pytest.raises(ValueError, match="`groups` must be None, 'modules'"):
+        ENTKMonitor(groups="layers")
+    with pytest.raises(ValueError, match="`method` must be one of"):
+        ENTKMonitor(method="fast")
     with pytest.raises(ValueError, match="both are None"):
         ENTKMonitor(every_n_epochs=None)
     with pytest.raises(ValueError, match="`mode` must be"):
@@ -270,6 +274,34 @@ def test_monitor_tensorboard_events_and_summary(tmp_path):
     accuracy_chart = charts["accuracy: network and eNTK kernel regression"]
     drawn = {tag for tag in scalars if any(re.match(p, tag) for p in accuracy_chart)}
     assert drawn == {"val_acc", "entk/kernel_regression_acc"}
+
+
+def test_monitor_logs_each_parameter_group_beside_the_whole_model(tmp_path):
+    logger = TensorBoardLogger(tmp_path, name="run")
+    groups = {"hidden": ["net.0.weight", "net.0.bias"], "head": lambda n: n.startswith("net.4")}
+    monitor = ENTKMonitor(every_n_epochs=1, groups=groups, log_images=False)
+    fit(tmp_path, callbacks=[monitor], logger=logger)
+    events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    for group in ("hidden", "head", "other"):  # "other": the BatchNorm parameters
+        for key in ("kernel_regression_acc", "kernel_target_alignment", "eigenvalue/top1"):
+            assert f"entk/{group}/{key}" in scalars
+    assert "entk/kernel_regression_acc" in scalars  # the whole model's, where it always was
+    for record in monitor.history:  # the groups' kernels sum to the whole kernel
+        parts = sum(record.metrics[f"entk/{g}/trace"] for g in ("hidden", "head", "other"))
+        assert parts == pytest.approx(record.metrics["entk/trace"], rel=1e-5)
+
+    (written,) = events.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(written.tensor_proto.string_val[0])
+    (per_group,) = [c for c in layout.category if c.title == "eNTK per parameter group"]
+    for chart in per_group.chart:
+        drawn = {t for t in scalars if any(re.match(p, t) for p in chart.multiline.tag)}
+        assert {f"entk/{g}/" for g in ("hidden", "head", "other")} <= {
+            t[: t.index("/", 5) + 1] for t in drawn if t.count("/") >= 2
+        }, chart.title
+        if chart.title.startswith("accuracy"):
+            assert "val_acc" in drawn and "entk/kernel_regression_acc" not in drawn
 
 
 def test_monitor_state_dict_round_trip():

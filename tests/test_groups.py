@@ -7,7 +7,7 @@ from test_kernel import MODES, assert_relative_close
 from torch import nn
 from user_models import RawTransformer
 
-from lightning_entk import empirical_ntk
+from lightning_entk import empirical_ntk, ntk_spectrum
 
 
 class WithOpaque(nn.Module):
@@ -72,3 +72,13 @@ def test_group_kernels_invalid_groups():
         empirical_ntk(model, x, groups={"a": ["nope"]})
     with pytest.raises(ValueError, match="is in two groups"):
         empirical_ntk(model, x, groups={"a": ["W"], "b": ["W", "s"]})
+
+
+def test_group_spectra_are_the_spectra_of_the_group_kernels():
+    model, x, groups = cases()["transformer"]
+    spectra = ntk_spectrum(model, x, k=3, groups=groups)
+    kernels = empirical_ntk(model, x, groups=groups)
+    assert sorted(spectra) == sorted(kernels) == ["attention", "embed", "other"]
+    for group, kernel in kernels.items():
+        expected = torch.linalg.eigvalsh(kernel).flip(0)[:3]
+        torch.testing.assert_close(spectra[group].eigenvalues, expected, rtol=1e-10, atol=1e-12)
