@@ -173,8 +173,7 @@ class Capture(TorchFunctionMode):
             beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
             if not isinstance(beta, int | float) or not isinstance(alpha, int | float):
                 raise Unsupported("tensor beta/alpha")
-            y = self._matmul(torch.matmul, left, right, scale=alpha)
-            return self._add(y, bias, scale=beta)
+            return self._matmul(torch.matmul, left, right, scale=alpha, bias=bias, beta=beta)
         if func is torch.einsum:
             operands = list(args[1]) if isinstance(args[1], list | tuple) else args[1:]
             return self._einsum(args[0], operands)
@@ -239,8 +238,7 @@ class Capture(TorchFunctionMode):
         return NotImplemented
 
     def _linear(self, x, weight, bias):
-        y = self._matmul(torch.matmul, x, self._transposed(weight))
-        return y if bias is None else self._add(y, bias)
+        return self._matmul(torch.matmul, x, self._transposed(weight), bias=bias)
 
     def _transposed(self, weight: Tensor) -> Tensor:
         view = self.views.get(id(weight))
@@ -250,7 +248,9 @@ class Capture(TorchFunctionMode):
             self._track(out, view.param, index, view.scale)
         return out
 
-    def _matmul(self, func, left, right, scale=1.0):
+    def _matmul(self, func, left, right, scale=1.0, bias=None, beta=1.0):
+        """``scale * (left @ right) + beta * bias``, the weight's and the bias's uses sharing
+        one perturbation (so that their blocks can share one output Gram)."""
         left_l, right_l, out_l, l_sq, r_sq = matmul_letters(left.shape, right.shape)
         records = []
         for v_t, v_l, v_sq, x_t, x_l, x_sq in (
@@ -262,7 +262,20 @@ class Capture(TorchFunctionMode):
                 index = squeezed(view.index, v_sq)
                 records.append((view, "dense", squeezed(x_t, x_sq), x_l, index, v_l, out_l, scale))
         y = func(left, right)
-        return self._record(y if scale == 1 else y * scale, records)
+        y = y if scale == 1 else y * scale
+        if bias is None:
+            return self._record(y, records)
+        shifted = torch.add(y, bias, alpha=beta)
+        if shifted.shape != y.shape:  # a bias that broadcasts the product: its own operation
+            return self._add(self._record(y, records), bias, scale=beta)
+        return self._record(shifted, records + self._shift_records(bias, y.shape, beta))
+
+    def _shift_records(self, bias, y_shape, scale) -> list:
+        view = self.views.get(id(bias)) if isinstance(bias, Tensor) else None
+        if view is None:
+            return []
+        _, v_l, y_l, _, v_sq = broadcast_letters(y_shape, bias.shape)
+        return [(view, "ones", None, "", squeezed(view.index, v_sq), v_l, y_l, scale)]
 
     def _einsum(self, equation, operands):
         if len(operands) != 2:
@@ -293,8 +306,11 @@ class Capture(TorchFunctionMode):
         view = self.views.get(id(w))
         if id(x) in self.views or (view is None and (b is None or id(b) not in self.views)):
             raise Unsupported("convolution")
-        y = func(x, w, b if id(b) not in self.views else None, stride, padding, dilation, groups)
+        y = func(x, w, b, stride, padding, dilation, groups)
         records = []
+        if b is not None and id(b) in self.views:
+            bias = self._channel_view(b, y.ndim)
+            records = self._normal_forms(y.shape, self._shift_records(bias, y.shape, 1.0))
         if view is not None:
             groups = groups or 1
             factor, layout, perm, t, dims = conv_use(
@@ -303,10 +319,7 @@ class Capture(TorchFunctionMode):
             out_shape = tuple(y.reshape(y.shape[0], groups, w.shape[0] // groups, -1).shape)
             use = Use(view.param, layout, "dense", out_shape, perm, t, dims, view.scale)
             records.append((use, factor))
-        y = self._commit(y, records)
-        if b is not None and id(b) in self.views:
-            y = self._add(y, self._channel_view(b, y.ndim))
-        return y
+        return self._commit(y, records)
 
     def _channel_view(self, v: Tensor, ndim: int) -> Tensor:
         return self.__torch_function__(T.reshape, (), (v, (-1,) + (1,) * (ndim - 2)))
@@ -335,12 +348,7 @@ class Capture(TorchFunctionMode):
         if inplace is not None and id(a) in self.views:
             raise Unsupported("in-place update of a parameter")
         shape = torch.broadcast_shapes(a.shape, b.shape if isinstance(b, Tensor) else ())
-        records = []
-        for v_t, s in ((a, 1.0), (b, scale)):
-            view = self.views.get(id(v_t)) if isinstance(v_t, Tensor) else None
-            if view is not None:
-                _, v_l, y_l, _, v_sq = broadcast_letters(shape, v_t.shape)
-                records.append((view, "ones", None, "", squeezed(view.index, v_sq), v_l, y_l, s))
+        records = self._shift_records(a, shape, 1.0) + self._shift_records(b, shape, scale)
         forms = self._normal_forms(shape, records)
         y = a.add_(b, alpha=scale) if inplace is not None else torch.add(a, b, alpha=scale)
         return self._commit(y, forms, inplace=inplace is not None)

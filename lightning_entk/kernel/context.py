@@ -643,9 +643,13 @@ class NTKContext:
                     return self._factor_parts(structure, x)
                 if step >= n:
                     return per_use, per_use[0][0].shape[2]
-                joined = [(_empty_like(g, n), _empty_like(a, n)) for g, a in per_use]
+                alike = {id(g): _empty_like(g, n) for g, _ in per_use}  # shared ``g`` once
+                joined = [(alike[id(g)], _empty_like(a, n)) for g, a in per_use]
+            written = set()
             for (g_all, a_all), (g, a) in zip(joined, per_use, strict=True):
-                g_all[start : start + len(g)] = g
+                if id(g_all) not in written:
+                    g_all[start : start + len(g)] = g
+                    written.add(id(g_all))
                 if a is not None:
                     a_all[start : start + len(a)] = a
         return joined, joined[0][0].shape[2]
@@ -690,16 +694,35 @@ class NTKContext:
     # ---------------------------------------------------------------------------------------
     # Assembly.
 
-    def _assemble(self, uses: list[Use], parts, n: int, c: int) -> list:
+    def _assemble(self, uses: list[Use], parts, n: int, c: int) -> tuple[list, list[str]]:
+        """Blocks, and the first parameter of each. Parameters used once each in one operation
+        with the same outputs (a weight and its bias) share one block: one output Gram."""
         by_param: dict[str, list[int]] = {}
         for i, use in enumerate(uses):
             by_param.setdefault(use.param, []).append(i)
-        blocks, owners = [], []
+        injective = {
+            name: bool(torch.bincount(uses[idx[0]].layout.reshape(-1)).max() <= 1)
+            for name, idx in by_param.items()
+        }  # no entry twice
+        group = self.group_of or {}
+        sharing: dict[tuple, list[str]] = {}
         for name, idx in by_param.items():
+            use = uses[idx[0]]
+            if len(idx) == 1 and use.kind != "tokens" and injective[name]:
+                key = (use.z, use.out_perm, use.heads, use.outputs, use.scale, group.get(name))
+                sharing.setdefault(key, []).append(name)
+        shared_with = {name: names for names in sharing.values() for name in names}
+        blocks, owners, done = [], [], set()
+        for name, idx in by_param.items():
+            if name in done:
+                continue
             owners.append(name)
-            layout = uses[idx[0]].layout
-            injective = bool(torch.bincount(layout.reshape(-1)).max() <= 1)  # no entry twice
-            if _same_layout([uses[i] for i in idx]) and injective:
+            names = shared_with.get(name, [name])
+            if len(names) > 1:
+                chosen = [by_param[m][0] for m in names]
+                blocks.append(_factor_block([uses[i] for i in chosen], [parts[i] for i in chosen]))
+                done.update(names)
+            elif _same_layout([uses[i] for i in idx]) and injective[name]:
                 blocks.append(_factor_block([uses[i] for i in idx], [parts[i] for i in idx]))
             else:
                 columns = _columns_from_factors(
@@ -733,18 +756,20 @@ def _use_factors(uses: list[Use], grads: list[Tensor], factors: list[Tensor]):
     (n, T, H, A), token ids (n, T), or None for a shift."""
     out = []
     factors = iter(factors)
+    made: dict[tuple, Tensor] = {}  # uses reading one output the same way share one ``g``
     for use in uses:
-        g = grads[use.z]
-        n, c = g.shape[:2]
-        g = g.reshape(n, c, *use.out_shape)
-        p = use.position_dims
-        order = [2 + d for d in use.out_perm]
-        g = g.permute(0, *order[:p], 1, *order[p:])
-        g = g.reshape(n, use.positions, c, use.heads, use.outputs)
-        if use.scale != 1:
-            g = g * use.scale
+        key = (use.z, use.out_shape, use.out_perm, use.position_dims, use.heads, use.scale)
+        if key not in made:
+            g = grads[use.z]
+            n, c = g.shape[:2]
+            g = g.reshape(n, c, *use.out_shape)
+            p = use.position_dims
+            order = [2 + d for d in use.out_perm]
+            g = g.permute(0, *order[:p], 1, *order[p:])
+            g = g.reshape(n, use.positions, c, use.heads, use.outputs)
+            made[key] = g if use.scale == 1 else g * use.scale
         a = None if use.kind == "ones" else next(factors)
-        out.append((g, a))
+        out.append((made[key], a))
     return out
 
 
@@ -760,23 +785,40 @@ def _use_gradient(use: Use, g: Tensor, a: Tensor | None, v: Tensor) -> Tensor:
 
 
 def _factor_block(uses: list[Use], parts: list[tuple[Tensor, Tensor | None]]) -> FactorBlock:
-    """Uses with one layout as one block: positions concatenated, positions where ``g`` is
-    zero for every point and output dropped."""
+    """Uses as one block, positions where ``g`` is zero for every point and output dropped:
+    uses of one parameter with one layout, their positions concatenated; or uses of several
+    parameters on the same output (a weight and its bias), their inputs concatenated."""
+
+    def dense() -> list[Tensor]:
+        return [_dense_factor(u, gp, ap) for u, (gp, ap) in zip(uses, parts, strict=True)]
+
+    if len({u.param for u in uses}) > 1:
+        a = torch.cat(dense(), dim=-1)
+        return _live_positions(FactorBlock(parts[0][0], a=a, inputs=a.shape[-1]))
     kinds = {u.kind for u in uses}
     g = parts[0][0] if len(parts) == 1 else torch.cat([g for g, _ in parts], dim=1)
-    live = g.reshape(g.shape[0], g.shape[1], -1).ne(0).any(dim=2).any(dim=0)
-    if not live.any():
-        live[0] = True  # keep one position so that the block has its shape
-    live = slice(None) if live.all() else live
-    g = g[:, live]
-    first = uses[0]
     if kinds == {"ones"}:
-        return FactorBlock(g, inputs=1)
-    if kinds == {"tokens"}:
-        tokens = torch.cat([a for _, a in parts], dim=1)[:, live]
-        return FactorBlock(g, tokens=tokens, inputs=first.inputs)
-    a = torch.cat([_dense_factor(u, gp, ap) for u, (gp, ap) in zip(uses, parts, strict=True)], 1)
-    return FactorBlock(g, a=a[:, live], inputs=first.inputs)
+        block = FactorBlock(g, inputs=1)
+    elif kinds == {"tokens"}:
+        tokens = torch.cat([a for _, a in parts], dim=1)
+        block = FactorBlock(g, tokens=tokens, inputs=uses[0].inputs)
+    else:
+        block = FactorBlock(g, a=torch.cat(dense(), dim=1), inputs=uses[0].inputs)
+    return _live_positions(block)
+
+
+def _live_positions(block: FactorBlock) -> FactorBlock:
+    """The block without the positions where ``g`` is zero for every point and output."""
+    g = block.g
+    live = g.reshape(g.shape[0], g.shape[1], -1).ne(0).any(dim=2).any(dim=0)
+    if live.all() or not live.any():
+        return block
+    return FactorBlock(
+        g[:, live],
+        None if block.a is None else block.a[:, live],
+        None if block.tokens is None else block.tokens[:, live],
+        block.inputs,
+    )
 
 
 def _columns_from_factors(uses: list[Use], parts, n: int, c: int, budget: int):
