@@ -14,7 +14,11 @@ Logged scalars (``R`` rows of the kernel: N for ``trace``, C*N for ``flatten``):
     entk/kernel_regression_acc       accuracy of eNTK kernel regression on held-out probe points
     entk/overlap/<family>            subspace overlap of the best cliff segment with a family of
                                      ground-truth features
-    entk/seconds                     wall time of the evaluation
+    entk/seconds                     wall time of the evaluation, split into
+    entk/seconds/kernel              the kernel (capture, factors, Gram products)
+    entk/seconds/spectrum            its eigendecomposition and cliffs
+    entk/seconds/signals             labels' signals, velocity, groups' figures, overlaps
+    entk/<group>/...                 with parameter groups: each group's own figures
 """
 
 from __future__ import annotations
@@ -148,9 +152,10 @@ def evaluate(
     kernel = kernel.to(torch.float64)
     need_vectors = bool(features) or keep_eigenvectors
     rtol = ROUND_OFF_RTOL[compute_dtype(model)]
-    spectrum, cliffs, metrics = kernel_metrics(
-        kernel, probe, mode, cliff_options, rtol, eigenvectors=need_vectors
-    )
+    kernel_done = time.perf_counter()
+    spectrum, cliffs, metrics = spectrum_and_cliffs(kernel, cliff_options, need_vectors)
+    spectrum_done = time.perf_counter()
+    metrics.update(label_metrics(kernel, probe, mode, rtol))
     eigenvalues = spectrum.eigenvalues.cpu().numpy()
     for group, part in parts.items():
         _, _, group_metrics = kernel_metrics(
@@ -166,7 +171,11 @@ def evaluate(
         overlaps = segment_overlaps(spectrum.eigenvectors, cliffs, features)
         for family, values in overlaps.items():
             metrics[f"entk/overlap/{family}"] = max(values)
-    metrics["entk/seconds"] = time.perf_counter() - start
+    done = time.perf_counter()
+    metrics["entk/seconds"] = done - start
+    metrics["entk/seconds/kernel"] = kernel_done - start
+    metrics["entk/seconds/spectrum"] = spectrum_done - kernel_done
+    metrics["entk/seconds/signals"] = done - spectrum_done
     return Evaluation(
         eigenvalues=eigenvalues,
         cliffs=cliffs,
@@ -185,12 +194,26 @@ def kernel_metrics(
     rtol: float,
     eigenvectors: bool = False,
 ) -> tuple[Spectrum, list[Cliff], dict[str, float]]:
-    """A float64 kernel's spectrum, cliffs and scalars: those of :func:`spectrum_metrics`, and
-    with labels (trace mode) the kernel-target alignment and, with held-out points, the
-    accuracy of kernel regression."""
+    """A float64 kernel's spectrum, cliffs and scalars: those of :func:`spectrum_metrics` and
+    of :func:`label_metrics`."""
+    spectrum, cliffs, metrics = spectrum_and_cliffs(kernel, cliff_options, eigenvectors)
+    metrics.update(label_metrics(kernel, probe, mode, rtol))
+    return spectrum, cliffs, metrics
+
+
+def spectrum_and_cliffs(
+    kernel: Tensor, cliff_options: Mapping[str, object] | None, eigenvectors: bool = False
+) -> tuple[Spectrum, list[Cliff], dict[str, float]]:
+    """A float64 kernel's spectrum, its cliffs and :func:`spectrum_metrics`."""
     spectrum = Spectrum.from_kernel(kernel, eigenvectors=eigenvectors)
     cliffs = find_cliffs(spectrum.eigenvalues.cpu().numpy(), **(cliff_options or {}))
-    metrics = spectrum_metrics(spectrum, cliffs)
+    return spectrum, cliffs, spectrum_metrics(spectrum, cliffs)
+
+
+def label_metrics(kernel: Tensor, probe: ProbeSet, mode: str, rtol: float) -> dict[str, float]:
+    """With labels (trace mode), the kernel-target alignment and, with held-out points, the
+    accuracy of kernel regression; nothing otherwise."""
+    metrics = {}
     if probe.y is not None and mode == "trace":
         targets = torch.nn.functional.one_hot(probe.y.to(kernel.device).long()).to(kernel.dtype)
         metrics["entk/kernel_target_alignment"] = kernel_target_alignment(kernel, targets)
@@ -198,7 +221,7 @@ def kernel_metrics(
             metrics["entk/kernel_regression_acc"] = kernel_regression_accuracy(
                 kernel, targets, probe.heldout.to(kernel.device), rtol=rtol
             )
-    return spectrum, cliffs, metrics
+    return metrics
 
 
 def spectrum_metrics(spectrum: Spectrum, cliffs: list[Cliff]) -> dict[str, float]:

@@ -8,10 +8,12 @@ import torch.nn.functional as F
 
 from lightning_entk.evaluation import (
     ROUND_OFF_RTOL,
+    evaluate,
     kernel_regression_accuracy,
     kernel_target_alignment,
     kernel_velocity,
 )
+from lightning_entk.probe import ProbeSet
 
 
 def test_kernel_regression_is_equation_one_on_a_full_rank_kernel():
@@ -71,3 +73,13 @@ def test_kernel_target_alignment_is_the_centred_cosine_with_the_ideal_kernel():
     expected = (a * b).sum() / (a.norm() * b.norm())
     assert kernel_target_alignment(kernel, targets) == pytest.approx(expected.item(), rel=1e-12)
     assert kernel_target_alignment(targets @ targets.T, targets) == pytest.approx(1.0, rel=1e-12)
+
+
+def test_evaluate_splits_its_time_into_kernel_spectrum_and_signals():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    probe = ProbeSet(torch.randn(30, 4), torch.randint(0, 3, (30,)), torch.arange(30) % 3 == 0)
+    metrics = evaluate(model, probe).metrics
+    parts = [metrics[f"entk/seconds/{part}"] for part in ("kernel", "spectrum", "signals")]
+    assert all(part > 0 for part in parts)
+    assert math.isclose(sum(parts), metrics["entk/seconds"], rel_tol=1e-9)
