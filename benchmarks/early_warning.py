@@ -42,7 +42,7 @@ def run_demo(
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     if model == "mlp":
-        from example_modules.demo import main
+        from example_modules.modular_arithmetic import main
     else:
         from example_modules.modular_transformer import main
 

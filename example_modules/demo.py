@@ -1,4 +1,7 @@
-"""The demo: train the modular-arithmetic MLP with ENTKMonitor and a TensorBoard logger.
+"""The demo driver the examples share: train a model with ENTKMonitor and a TensorBoard logger
+from the command line, then print a one-screen summary. Each example module calls it with its
+own classes (``example_modules.modular_arithmetic.main``, ``example_modules.modular_transformer
+.main``); this module imports none of them.
 
     python -m example_modules.modular_arithmetic                      # the paper's setup
     python -m example_modules.modular_arithmetic --help               # every argument
@@ -15,7 +18,6 @@ from __future__ import annotations
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
-from example_modules.modular_arithmetic import ModularArithmeticDataModule, ModularArithmeticMLP
 from lightning_entk.callback import ENTKMonitor
 
 DEFAULT_LOG_DIR = "entk_runs"
@@ -32,12 +34,12 @@ class DemoCLI(LightningCLI):
 
 
 def main(
-    args: list[str] | None = None,
-    model_class: type[LightningModule] = ModularArithmeticMLP,
-    datamodule_class: type[LightningDataModule] = ModularArithmeticDataModule,
+    args: list[str] | None,
+    model_class: type[LightningModule],
+    datamodule_class: type[LightningDataModule],
     *,
-    name: str = "modular_arithmetic",
-    max_epochs: int = 300,
+    name: str,
+    max_epochs: int,
     seed: int = 0,
     defaults: dict | None = None,
 ) -> ENTKMonitor:

@@ -50,6 +50,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
+from example_modules import demo
+from lightning_entk.callback import ENTKMonitor
+
 FAMILIES = ("a", "b", "sum", "diff")
 
 
@@ -310,7 +313,15 @@ class ModularArithmeticMLP(ModularClassifier):
         return fourier_families(a, b, self.p, dtype)
 
 
-if __name__ == "__main__":
-    from example_modules.demo import main
+def main(args: list[str] | None = None) -> ENTKMonitor:
+    """The demo: train :class:`ModularArithmeticMLP` (the paper's setup, 300 epochs) with
+    :class:`~lightning_entk.callback.ENTKMonitor` and a TensorBoard logger, then print the
+    summary; ``args`` as on the command line (``None``: ``sys.argv``). Returns the monitor."""
+    return demo.main(
+        args, ModularArithmeticMLP, ModularArithmeticDataModule, name="modular_arithmetic",
+        max_epochs=300,
+    )  # fmt: skip
 
+
+if __name__ == "__main__":
     main()

@@ -78,6 +78,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from example_modules import demo
 from example_modules.modular_arithmetic import (
     ModularArithmeticDataModule,
     ModularClassifier,
@@ -309,8 +310,6 @@ def main(args: list[str] | None = None):
     """Train the transformer with :class:`~lightning_entk.callback.ENTKMonitor` and a
     TensorBoard logger, then print the demo's summary; ``args`` as on the command line
     (``None``: ``sys.argv``). Returns the monitor."""
-    from example_modules import demo
-
     return demo.main(
         args,
         ModularTransformer,

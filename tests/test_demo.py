@@ -4,7 +4,7 @@ a real TensorBoardLogger; the event files on disk show the eNTK beside accuracy.
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from example_modules.demo import main
+from example_modules.modular_arithmetic import main
 
 
 @pytest.mark.slow
