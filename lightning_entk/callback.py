@@ -30,6 +30,7 @@ from lightning_entk.kernel import (
     Groups,
     OutputFn,
     ParamSelection,
+    check_kernel_options,
     check_projection_mode,
     compute_dtype,
     empirical_ntk,
@@ -163,21 +164,7 @@ class ENTKMonitor(Callback):
             raise ValueError(
                 f"`output_projections` must be a positive int or None, got {output_projections!r}."
             )
-        if groups is not None and not (
-            groups == "modules" or callable(groups) or isinstance(groups, Mapping)
-        ):
-            raise ValueError(
-                "`groups` must be None, 'modules', a callable name -> group or a mapping group "
-                f"-> parameter names, got {groups!r}."
-            )
-        if method not in ("auto", "structured", "jacobian"):
-            raise ValueError(
-                f"`method` must be one of ('auto', 'structured', 'jacobian'), got {method!r}."
-            )
-        if forward_fn is not None and not callable(forward_fn):
-            raise ValueError(
-                f"`forward_fn` must be callable (model, points) -> (N, C), got {forward_fn!r}."
-            )
+        check_kernel_options(method, forward_fn, groups)
         if on_transition is not None and not callable(on_transition):
             raise ValueError(
                 f"`on_transition` must be callable, got {type(on_transition).__name__}."

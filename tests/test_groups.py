@@ -66,7 +66,7 @@ def _group(groups, name):
 
 def test_group_kernels_invalid_groups():
     model, x, _ = cases()["opaque_by_module"]
-    with pytest.raises(ValueError, match="`groups` must be 'modules'"):
+    with pytest.raises(ValueError, match="`groups` must be None, 'modules'"):
         empirical_ntk(model, x, groups=3)
     with pytest.raises(ValueError, match="which the model does not have"):
         empirical_ntk(model, x, groups={"a": ["nope"]})

@@ -184,6 +184,25 @@ def select_parameters(model: nn.Module, params: ParamSelection) -> list[str]:
 Groups = str | Mapping[str, Iterable[str] | Callable[[str], bool]] | Callable[[str], str] | None
 
 
+def check_kernel_options(
+    method: str | NTKMethod = "auto", forward_fn: ForwardFn = None, groups: Groups = None
+) -> None:
+    """Raise ``ValueError`` for an unknown ``method``, a ``forward_fn`` that is not callable,
+    or ``groups`` of another kind than :func:`parameter_groups` takes."""
+    _check_choice("method", str(getattr(method, "value", method)), [m.value for m in NTKMethod])
+    if forward_fn is not None and not callable(forward_fn):
+        raise ValueError(
+            f"`forward_fn` must be callable (model, points) -> (N, C), got {forward_fn!r}."
+        )
+    if groups is not None and not (
+        groups == "modules" or callable(groups) or isinstance(groups, Mapping)
+    ):
+        raise ValueError(
+            "`groups` must be None, 'modules', a callable name -> group, or a mapping group -> "
+            f"parameter names (or predicate), got {groups!r}."
+        )
+
+
 def parameter_groups(model: nn.Module, names: list[str], groups: Groups) -> dict[str, str]:
     """Parameter name -> group name for every counted parameter (``names``).
 
@@ -196,15 +215,11 @@ def parameter_groups(model: nn.Module, names: list[str], groups: Groups) -> dict
         ValueError: for another kind of ``groups``, a name the model does not have, or a
             parameter claimed by two groups.
     """
+    check_kernel_options(groups=groups)
     if groups == "modules":
         return {n: n.split(".", 1)[0] for n in names}
     if callable(groups):
         return {n: str(groups(n)) for n in names}
-    if not isinstance(groups, Mapping):
-        raise ValueError(
-            "`groups` must be 'modules', a callable name -> group, or a mapping group -> "
-            f"parameter names (or predicate), got {groups!r}."
-        )
     found: dict[str, str] = {}
     known = dict(model.named_parameters())
     for group, members in groups.items():
@@ -280,16 +295,12 @@ def ntk_context(
     """Validate the arguments and yield a context that computes Jacobian blocks (of the
     projected outputs when ``output_projections`` is given, see
     :func:`~lightning_entk.empirical_ntk`)."""
-    _check_choice("method", str(getattr(method, "value", method)), [m.value for m in NTKMethod])
+    check_kernel_options(method, forward_fn, groups)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
     budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
     if not isinstance(budget, int) or isinstance(budget, bool) or budget <= 0:
         raise ValueError(f"`memory_budget` must be a positive int of bytes, got {budget!r}.")
-    if forward_fn is not None and not callable(forward_fn):
-        raise ValueError(
-            f"`forward_fn` must be callable (model, points) -> (N, C), got {forward_fn!r}."
-        )
     _check_projections(output_projections, projection_seed)
     check_points("x1", x1)
     if x2 is not None:
@@ -387,6 +398,7 @@ class NTKContext:
         self.projection: Tensor | None = None  # (C, s), drawn once for all points
         self._structure: Structure | None = None
         self._indices: dict[str, Tensor] = {}
+        self._num_outputs: int | None = None
 
     # ---------------------------------------------------------------------------------------
     # Forward passes.
@@ -599,7 +611,7 @@ class NTKContext:
             parts, c = self._factor_parts(structure, x)
             uses = structure.uses
         else:
-            c = self._num_outputs(x)
+            c = self.num_outputs()
         blocks, owners = self._assemble(uses, parts, n, c)
         group = self.group_of or dict.fromkeys(self.names, "")
         generic = [m for m in self.names if m in structure.generic]
@@ -613,9 +625,13 @@ class NTKContext:
         groups = [group[m] for m in owners] if self.group_of else None
         return Jacobian(blocks, n, c, self.dtype, self.device, groups)
 
-    def _num_outputs(self, x: Points) -> int:
-        with torch.no_grad():
-            return self.forward(self.params, take(x, slice(0, 1))).shape[1]
+    def num_outputs(self) -> int:
+        """C, the (projected) outputs per point, from one forward pass made once."""
+        if self._num_outputs is None:
+            self._resolve_projection(self.x1)
+            with torch.no_grad():
+                self._num_outputs = self.forward(self.params, take(self.x1, slice(0, 1))).shape[1]
+        return self._num_outputs
 
     def _column_block(self, columns, size: int, n: int, c: int) -> ColumnBlock:
         itemsize = torch.empty((), dtype=self.dtype).element_size()
@@ -639,7 +655,7 @@ class NTKContext:
                 if failed:
                     self._drop_from_structure(failed)
                     if not structure.uses:
-                        return [], self._num_outputs(x)
+                        return [], self.num_outputs()
                     return self._factor_parts(structure, x)
                 if step >= n:
                     return per_use, per_use[0][0].shape[2]
@@ -658,7 +674,7 @@ class NTKContext:
         """Points per capture pass: the batch size, fewer when the output gradients of one
         pass (C per point and operation, with the backward's own copies) would pass a quarter
         of the budget."""
-        c = self._num_outputs(take(self.x1, slice(0, 1)))
+        c = self.num_outputs()
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         per_point = 3 * c * itemsize * sum(math.prod(s) for s in structure.z_shapes)
         return max(1, min(self.batch_size, n, self.memory_budget // 4 // max(per_point, 1)))

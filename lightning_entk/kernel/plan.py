@@ -17,7 +17,6 @@ import torch
 from torch import Tensor, nn
 
 from lightning_entk.kernel.context import (
-    NTKContext,
     NTKMethod,
     ParamSelection,
     ntk_context,
@@ -118,15 +117,10 @@ def ntk_plan(
         start = time.perf_counter()
         structure = ctx.structure(ctx.x1)
         forward_seconds = time.perf_counter() - start  # discovery and a trial capture
-        c = _outputs(ctx)
+        c = ctx.num_outputs()
         n1 = num_points(ctx.x1)
         n2 = n1 if ctx.x2 is None else num_points(ctx.x2)
         return _predict(ctx, structure, mode, c, n1, n2, forward_seconds)
-
-
-def _outputs(ctx: NTKContext) -> int:
-    ctx._resolve_projection(ctx.x1)
-    return ctx._num_outputs(ctx.x1)
 
 
 def _predict(ctx, structure, mode, c, n1, n2, forward_seconds) -> NTKPlan:
