@@ -36,9 +36,15 @@ SWAP_UNSEEN = "val_acc_swap_unseen"
 
 
 def run_demo(
-    model: str, seed: int, train_fraction: float, log_dir: str, max_epochs: int | None
+    model: str,
+    seed: int,
+    train_fraction: float,
+    log_dir: str,
+    max_epochs: int | None,
+    monitor_args: tuple[str, ...] = (),
 ) -> dict:
-    """One demo run; returns its alarms and when val_acc crossed 0.5."""
+    """One demo run; returns its alarms, when val_acc (logged every epoch) crossed 0.5, and
+    what the monitor cost."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     if model == "mlp":
@@ -58,27 +64,29 @@ def run_demo(
     ]
     if max_epochs is not None:
         args.append(f"--trainer.max_epochs={max_epochs}")
+    args += list(monitor_args)
     start = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):  # the demo's own summary
         monitor = main(args)
     seconds = time.perf_counter() - start
-    crossed = monitor.first_epoch_reaching(0.5)
     events = EventAccumulator(str(monitor.summary_path.parent), size_guidance={"scalars": 0})
     events.Reload()
-    unseen = None
-    if SWAP_UNSEEN in events.Tags()["scalars"]:
-        # logged once per epoch; ``step`` is the global step, ``epoch`` from the epoch series
-        epochs = {e.step: e.value for e in events.Scalars("epoch")}
-        unseen = next(
-            (int(epochs[e.step]) + 1 for e in events.Scalars(SWAP_UNSEEN) if e.value >= 0.5),
-            None,
-        )
+    # logged once per epoch; ``step`` is the global step, ``epoch`` from the epoch series
+    epochs = {e.step: e.value for e in events.Scalars("epoch")}
+
+    def first_epoch(tag: str) -> int | None:
+        if tag not in events.Tags()["scalars"]:
+            return None
+        return next((int(epochs[e.step]) + 1 for e in events.Scalars(tag) if e.value >= 0.5), None)
+
     return {
         "alarms": [(t.epoch, t.kind) for t in monitor.transitions],
-        "crossed": crossed,
-        "unseen_crossed": unseen,
-        "final_acc": monitor.history[-1].metrics.get(monitor.accuracy_key),
+        "crossed": first_epoch(monitor.accuracy_key),
+        "unseen_crossed": first_epoch(SWAP_UNSEEN),
+        "final_acc": events.Scalars(monitor.accuracy_key)[-1].value,
         "seconds": seconds,
+        "evaluations": len(monitor.history),
+        "monitor_share": monitor.monitor_seconds / monitor.training_seconds,
     }
 
 
@@ -94,6 +102,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5, help="grokking runs (paper's fraction)")
     parser.add_argument("--controls", type=int, default=3, help="control runs (fraction 0.3)")
     parser.add_argument("--max-epochs", type=int, default=None, help="default: the demo's")
+    parser.add_argument(
+        "--monitor",
+        action="append",
+        default=[],
+        help="a monitor argument for every run, e.g. --monitor=--monitor.max_overhead=0.5",
+    )
     args = parser.parse_args()
 
     fraction = GROKKING_TRAIN_FRACTION[args.model]
@@ -101,7 +115,8 @@ def main() -> None:
     runs += [("control", seed, CONTROL_TRAIN_FRACTION) for seed in range(args.controls)]
     header = (
         f"{'run':<8}{'seed':>5}{'train frac':>11}{'alarm':>7}  {'kind':<24}"
-        f"{'val_acc>=0.5':>13}{'lead':>6}{'final acc':>10}{'time (s)':>9}  verdict"
+        f"{'val_acc>=0.5':>13}{'lead':>6}{'final acc':>10}{'time (s)':>9}{'evals':>6}"
+        f"{'monitor':>8}  verdict"
     )
     if args.model == "transformer":
         header += f"  ({SWAP_UNSEEN} >= 0.5)"
@@ -110,7 +125,9 @@ def main() -> None:
     hits = false_alarms = grokking = 0
     with tempfile.TemporaryDirectory() as log_dir:
         for label, seed, fraction in runs:
-            result = run_in_fresh_process(args.model, seed, fraction, log_dir, args.max_epochs)
+            result = run_in_fresh_process(
+                args.model, seed, fraction, log_dir, args.max_epochs, tuple(args.monitor)
+            )
             alarm_epoch, kind = result["alarms"][0] if result["alarms"] else (None, "-")
             crossed = result["crossed"]
             lead = None if alarm_epoch is None or crossed is None else crossed - alarm_epoch
@@ -128,7 +145,8 @@ def main() -> None:
             print(
                 f"{label:<8}{seed:>5}{fraction:>11.1f}{_show(alarm_epoch):>7}  {kind:<24}"
                 f"{_show(crossed):>13}{_show(lead):>6}{result['final_acc']:>10.2f}"
-                f"{result['seconds']:>9.0f}  {verdict}"
+                f"{result['seconds']:>9.0f}{result['evaluations']:>6}"
+                f"{result['monitor_share']:>8.0%}  {verdict}"
                 + (f"  ({_show(unseen)})" if args.model == "transformer" else "")
             )
             if len(result["alarms"]) > 1:

@@ -1,16 +1,19 @@
-"""What the monitor costs: the demo's training with and without ENTKMonitor, and one evaluation.
+"""What the monitor costs: the demo's training without ENTKMonitor, with a time budget of 20%
+of training (``max_overhead=0.2``), and at the demo's fixed cadence (every 2 epochs).
 
 The modular-arithmetic MLP of DESIGN.md section 5 (p=29, hidden 512, 300 full-batch epochs,
-TensorBoard logger), trained twice in fresh processes: plain, and with
-``ENTKMonitor(every_n_epochs=5)`` (841 probe points, trace eNTK, spectrum, cliffs, kernel
-regression, images every 5th evaluation). Also the time of one evaluation
-(:func:`lightning_entk.evaluation.evaluate`) and of its parts, on the model at initialization.
+TensorBoard logger, 841 probe points), each run in a fresh process. Per run: wall time of
+``trainer.fit``, overhead over plain training, evaluations made, the first early-warning alarm
+and its lead over the epoch at which val_acc (read every epoch) first reaches 0.5. Then where
+one evaluation's time goes (medians over the dense run's evaluations): kernel, spectrum,
+signals, logging, and the whole evaluation against its kernel alone.
 
     python benchmarks/monitor_overhead.py
 """
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 
 import torch
@@ -18,30 +21,51 @@ import torch
 from _harness import measure
 
 EPOCHS = 300
-EVERY_N_EPOCHS = 5
+DENSE_EVERY_N_EPOCHS = 2
 
 
 def setup_plain():
-    return (False,)
+    return (None,)
 
 
-def setup_monitored():
-    return (True,)
+def setup_budget():
+    return ({"max_overhead": 0.2},)
 
 
-def train(monitored: bool) -> dict:
+def setup_dense():
+    return ({"every_n_epochs": DENSE_EVERY_N_EPOCHS},)
+
+
+RUNS = {
+    "without monitor": setup_plain,
+    "ENTKMonitor(max_overhead=0.2)": setup_budget,
+    f"ENTKMonitor(every_n_epochs={DENSE_EVERY_N_EPOCHS})": setup_dense,
+}
+
+
+def train(options: dict | None) -> dict:
     import lightning as L
+    from lightning.pytorch import Callback
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from example_modules.modular_arithmetic import ModularArithmeticDataModule, ModularArithmeticMLP
     from lightning_entk import ENTKMonitor
 
+    class FirstEpochAtHalf(Callback):
+        epoch = None
+
+        def on_validation_epoch_end(self, trainer, pl_module):
+            accuracy = trainer.callback_metrics.get("val_acc")
+            if self.epoch is None and accuracy is not None and accuracy >= 0.5:
+                self.epoch = trainer.current_epoch + 1  # completed epochs, as the monitor counts
+
     L.seed_everything(0, verbose=False)
-    callbacks = [ENTKMonitor(every_n_epochs=EVERY_N_EPOCHS)] if monitored else []
+    crossing = FirstEpochAtHalf()
+    monitor = None if options is None else ENTKMonitor(**options)
     with tempfile.TemporaryDirectory() as log_dir:
         trainer = L.Trainer(
             max_epochs=EPOCHS,
-            callbacks=callbacks,
+            callbacks=[crossing] + ([monitor] if monitor else []),
             logger=TensorBoardLogger(log_dir),
             enable_checkpointing=False,
             enable_progress_bar=False,
@@ -49,53 +73,66 @@ def train(monitored: bool) -> dict:
             log_every_n_steps=1,
         )
         trainer.fit(ModularArithmeticMLP(), datamodule=ModularArithmeticDataModule())
-    if not monitored:
-        return {"evaluations": 0}
-    seconds = [r.metrics["entk/seconds"] for r in callbacks[0].history]
-    return {"evaluations": len(seconds), "evaluation_seconds": sum(seconds)}
-
-
-def setup_evaluation():
-    from example_modules.modular_arithmetic import ModularArithmeticDataModule, ModularArithmeticMLP
-    from lightning_entk.probe import DEFAULT_MAX_PROBE_POINTS, draw_probe_set
-
-    torch.manual_seed(0)
-    data = ModularArithmeticDataModule()
-    data.setup("fit")
-    train, val = data.train_dataloader().dataset, data.val_dataloader().dataset
-    probe = draw_probe_set(train, val, DEFAULT_MAX_PROBE_POINTS)
-    return ModularArithmeticMLP(), probe
-
-
-def evaluate_once(model, probe):
-    from lightning_entk.evaluation import evaluate
-
-    return evaluate(model, probe).metrics["entk/seconds"]
+    result = {"crossing": crossing.epoch, "evaluations": 0, "alarm": None}
+    if monitor is not None:
+        parts = ("", "/kernel", "/spectrum", "/signals")
+        result.update(
+            evaluations=len(monitor.history),
+            monitor_seconds=monitor.monitor_seconds,
+            alarm=monitor.transitions[0] if monitor.transitions else None,
+            parts={
+                p: statistics.median(r.metrics[f"entk/seconds{p}"] for r in monitor.history)
+                for p in parts
+            },
+        )
+    return result
 
 
 def main() -> None:
     print(
-        f"modular MLP p=29 hidden=512, {EPOCHS} full-batch epochs; "
+        f"modular MLP p=29 hidden=512, {EPOCHS} full-batch epochs, 841 probe points; "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
-    plain = measure(setup_plain, train, repeats=1, warmup=0)
-    watched = measure(setup_monitored, train, repeats=1, warmup=0)
-    one = measure(setup_evaluation, evaluate_once, repeats=5, warmup=1)
-    extra = watched["seconds"] - plain["seconds"]
-    n = watched["result"]["evaluations"]
-    print(f"{'run':<34}{'wall time (s)':>14}{'peak (MiB)':>12}")
-    print(f"{'without monitor':<34}{plain['seconds']:>14.1f}{plain['peak_mib']:>12.0f}")
-    label = f"with ENTKMonitor(every_n_epochs={EVERY_N_EPOCHS})"
-    print(f"{label:<34}{watched['seconds']:>14.1f}{watched['peak_mib']:>12.0f}")
+    results = {label: measure(setup, train, repeats=1, warmup=0) for label, setup in RUNS.items()}
+    plain = results["without monitor"]["seconds"]
     print(
-        f"overhead: +{extra:.1f} s (+{100 * extra / plain['seconds']:.0f}%) for {n} evaluations "
-        f"({extra / n:.2f} s each, images and logging included)"
+        f"{'run':<34}{'wall (s)':>9}{'overhead':>10}{'evaluations':>12}{'monitor (s)':>12}"
+        f"  {'first alarm':<28}{'val_acc>=0.5':>13}{'lead':>6}"
     )
+    for label, measured in results.items():
+        r = measured["result"]
+        alarm = r["alarm"]
+        lead = None if alarm is None or r["crossing"] is None else r["crossing"] - alarm.epoch
+        overhead = (measured["seconds"] - plain) / plain
+        print(
+            f"{label:<34}{measured['seconds']:>9.1f}{overhead:>10.0%}{r['evaluations']:>12}"
+            f"{r.get('monitor_seconds', 0.0):>12.1f}"
+            f"  {_alarm(alarm):<28}{_show(r['crossing']):>13}{_show(lead):>6}"
+        )
+    dense = results[list(RUNS)[-1]]["result"]
+    parts = dense["parts"]
+    whole = dense["monitor_seconds"] / dense["evaluations"]
     print(
-        f"one evaluation (841 probe points: kernel, spectrum, cliffs, kernel regression): "
-        f"{one['result']:.3f} s inside evaluate, {one['seconds']:.3f} s wall, "
-        f"peak +{one['peak_mib']:.0f} MiB"
+        "one evaluation (medians of the dense run): kernel {:.3f} s, spectrum {:.3f} s, "
+        "signals {:.3f} s; inside evaluate {:.3f} s = {:.1f}x the kernel; with logging and "
+        "images (mean) {:.3f} s = {:.1f}x".format(
+            parts["/kernel"],
+            parts["/spectrum"],
+            parts["/signals"],
+            parts[""],
+            parts[""] / parts["/kernel"],
+            whole,
+            whole / parts["/kernel"],
+        )
     )
+
+
+def _alarm(alarm) -> str:
+    return "-" if alarm is None else f"epoch {alarm.epoch} ({alarm.kind})"
+
+
+def _show(value) -> str:
+    return "-" if value is None else str(value)
 
 
 if __name__ == "__main__":

@@ -74,11 +74,18 @@ def main(
 
 
 def summary(monitor: ENTKMonitor, trainer) -> str:
-    """A one-screen text summary of a monitored run: when the accuracy crossed 0.5 and 0.95,
-    each phase-transition signal of the monitor with how many epochs before or after the 0.5
-    crossing it came, and the cliffs at the start and the end."""
+    """A one-screen text summary of a monitored run: what the monitor cost beside training,
+    when the accuracy crossed 0.5 and 0.95, each phase-transition signal of the monitor with
+    how many epochs before or after the 0.5 crossing it came, and the cliffs at the start and
+    the end."""
     history = monitor.history
     lines = ["", "=" * 72, "eNTK monitor summary", "=" * 72]
+    if monitor.training_seconds:
+        share = monitor.monitor_seconds / monitor.training_seconds
+        lines.append(
+            f"training {monitor.training_seconds:.1f} s; monitor {monitor.monitor_seconds:.1f} s "
+            f"more ({share:.0%}) for {len(history)} evaluations"
+        )
     key = monitor.accuracy_key
     crossed = {level: monitor.first_epoch_reaching(level) for level in (0.5, 0.95)}
     for level, epoch in crossed.items():

@@ -52,7 +52,7 @@ def _check_rows(a_name: str, a: np.ndarray, b_name: str, b: np.ndarray) -> None:
         )
 
 
-def _orthonormal_basis(columns: np.ndarray) -> np.ndarray:
+def orthonormal_basis(columns: np.ndarray) -> np.ndarray:
     """Orthonormal basis ``(R, r)`` of the span of ``columns``, r its numerical rank.
 
     Singular values below ``max(R, n) * eps * s_max`` (numpy's ``matrix_rank`` rule) count as zero,
@@ -74,7 +74,7 @@ def subspace_overlap(vectors: ArrayLike, features: ArrayLike) -> float:
 
     the mean squared cosine of the principal angles between the spans. It is 1 when one span
     contains the other and 0 when they are orthogonal; rotating either column set leaves it
-    unchanged. Ranks are numerical (see :func:`_orthonormal_basis`), so rank-deficient
+    unchanged. Ranks are numerical (see :func:`orthonormal_basis`), so rank-deficient
     feature matrices are fine. An empty or all-zero span overlaps nothing: 0.
 
     Args:
@@ -93,7 +93,13 @@ def subspace_overlap(vectors: ArrayLike, features: ArrayLike) -> float:
     vectors = _as_columns("vectors", vectors)
     features = _as_columns("features", features)
     _check_rows("vectors", vectors, "features", features)
-    q_v, q_f = _orthonormal_basis(vectors), _orthonormal_basis(features)
+    return orthonormal_overlap(orthonormal_basis(vectors), orthonormal_basis(features))
+
+
+def orthonormal_overlap(q_v: np.ndarray, q_f: np.ndarray) -> float:
+    """:func:`subspace_overlap` of two spans given by orthonormal bases ``(R, r_v)`` and
+    ``(R, r_f)`` (e.g. eigenvectors, or :func:`orthonormal_basis` of features computed once
+    for many overlaps)."""
     rank = min(q_v.shape[1], q_f.shape[1])
     if rank == 0:
         return 0.0
@@ -150,7 +156,7 @@ def feature_alignment(
         )
     result = np.empty((units.shape[1], features.shape[1] // 2))
     for j in range(result.shape[1]):
-        basis = _orthonormal_basis(features[:, 2 * j : 2 * j + 2])
+        basis = orthonormal_basis(features[:, 2 * j : 2 * j + 2])
         result[:, j] = np.linalg.norm(basis.T @ units, axis=0)
     return np.clip(result, 0.0, 1.0)
 
@@ -263,7 +269,7 @@ def symmetry_rotation(
         array([1.382, 1.382, 3.618, 3.618])
     """
     vectors = _as_columns("vectors", vectors)
-    basis = _orthonormal_basis(vectors)
+    basis = orthonormal_basis(vectors)
     if basis.shape[1] < vectors.shape[1]:
         raise ValueError(
             f"`vectors` must have linearly independent columns, got rank {basis.shape[1]} for "

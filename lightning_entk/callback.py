@@ -1,7 +1,8 @@
 """ENTKMonitor: the empirical NTK of a LightningModule, watched while it trains.
 
-The hooks only decide *when* (cadence, rank, sanity checking) and hand the work to the pure
-core: :func:`~lightning_entk.evaluation.evaluate`, :class:`~lightning_entk.EarlyWarning` and
+The hooks only decide *when* (the schedule, rank, sanity checking) and hand the work to the pure
+core: :func:`~lightning_entk.evaluation.evaluate`, :mod:`~lightning_entk.schedule`,
+:class:`~lightning_entk.EarlyWarning`, :mod:`~lightning_entk.distributed` and
 :mod:`~lightning_entk.plots`.
 """
 
@@ -10,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -23,28 +23,30 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_entk import plots
-from lightning_entk.alignment import feature_alignment
+from lightning_entk.distributed import combine_shares, failed_share, kernel_share
 from lightning_entk.early_warning import EarlyWarning, EvaluationRecord, PhaseTransition
-from lightning_entk.evaluation import Evaluation, evaluate, points_within_budget
+from lightning_entk.evaluation import (
+    Evaluation,
+    evaluate,
+    probe_within_budget,
+    tensorboard_layout,
+)
 from lightning_entk.kernel import (
     Groups,
     OutputFn,
     ParamSelection,
     check_kernel_options,
     check_projection_mode,
-    compute_dtype,
-    empirical_ntk,
     ntk_plan,
-    num_outputs,
-    projection_matrix,
 )
-from lightning_entk.kernel.points import ForwardFn, num_points, take, to_device
+from lightning_entk.kernel.points import ForwardFn, num_points, to_device
 from lightning_entk.probe import (
     DEFAULT_MAX_PROBE_POINTS,
     ProbeSet,
     as_probe_set,
     draw_probe_set,
 )
+from lightning_entk.schedule import FixedCadence, TimeBudget
 
 DEFAULT_MEMORY_BUDGET = 2 * 2**30  # bytes for everything one evaluation allocates
 SUMMARY_FILENAME = "entk_summary.png"
@@ -58,15 +60,22 @@ class ENTKMonitor(Callback):
     Scalars go through ``pl_module.log`` under ``entk/`` (so every logger, the progress bar and
     ``trainer.callback_metrics`` see them; see :mod:`lightning_entk.evaluation` for the keys).
     With a :class:`~lightning.pytorch.loggers.TensorBoardLogger` the monitor also adds a
-    Custom Scalars layout (:func:`tensorboard_layout`: accuracy beside kernel regression, and
-    the cliffs), a histogram of log10 eigenvalues, images of the spectrum with its cliffs, of
-    the spectrum's evolution beside accuracy, and of feature alignment when the LightningModule
-    exposes ground truth (a method ``entk_ground_truth(x, mode) -> dict[str, Tensor]`` giving,
-    per feature family, an ``(R, F)`` matrix over the probe's kernel rows; set
-    ``entk_feature_pairs = True`` on the module when consecutive columns are cos/sin pairs of
-    one frequency). At the end of fit the
+    Custom Scalars layout (:func:`~lightning_entk.evaluation.tensorboard_layout`: accuracy
+    beside kernel regression, and the cliffs), a histogram of log10 eigenvalues, images of the
+    spectrum with its cliffs, of the spectrum's evolution beside accuracy, and of feature
+    alignment when the LightningModule exposes ground truth (a method
+    ``entk_ground_truth(x, mode) -> dict[str, Tensor]`` giving, per feature family, an
+    ``(R, F)`` matrix over the probe's kernel rows; set ``entk_feature_pairs = True`` on the
+    module when consecutive columns are cos/sin pairs of one frequency). At the end of fit the
     evolution figure is saved as ``entk_summary.png`` in the logger's directory (with no logger,
     draw it with :meth:`summary_figure`).
+
+    When: at a fixed cadence (``every_n_epochs``, ``every_n_train_steps``), or within a time
+    budget (``max_overhead``, :class:`~lightning_entk.schedule.TimeBudget`): the monitor's wall
+    time stays near ``max_overhead`` times the training's, and evaluations come denser where
+    the kernel and its signals move and sparser on quiet stretches. The kernel at
+    initialization and at the end of fit are always evaluated. Each evaluation logs where its
+    time went (``entk/seconds/...``).
 
     The training run is never changed: the kernel is computed on detached copies of the
     parameters in eval mode without autocast, RNG states are restored, and an evaluation that
@@ -80,6 +89,11 @@ class ENTKMonitor(Callback):
         every_n_epochs: evaluate at the end of every n-th training epoch (``None``: never).
         every_n_train_steps: evaluate after every n-th optimizer step (``None``: never).
         mode: ``"trace"`` (N x N, the *sum* over outputs) or ``"flatten"`` (C*N x C*N).
+        max_overhead: instead of the fixed cadence, a time budget: the monitor's wall time as
+            a share of the training's (0.2: about 20% on top of training), spent where the
+            kernel moves. On a model whose training step is cheap beside one evaluation (the
+            bundled modular MLP: one evaluation costs ~8 of its epochs), a small budget affords
+            few evaluations and the early warning comes late (see the README).
         max_probe_points: cap on the points drawn when ``probe`` is ``None``.
         params, output_fn, output_weights, forward_fn, method: as in
             :func:`~lightning_entk.empirical_ntk` (``forward_fn(model, points) -> (N, C)`` for
@@ -90,7 +104,7 @@ class ENTKMonitor(Callback):
         groups: parameter groups whose own kernels (from the same pass) get their spectrum's
             top, cliffs, kernel-target alignment and kernel regression logged under
             ``entk/<group>/...``, beside the whole model's: ``"modules"`` (the top-level
-            children), a callable ``name -> group`` or a mapping ``group -> parameter names``
+            children), ``"auto"`` (a few groups that follow the model's parts), a callable ``name -> group`` or a mapping ``group -> parameter names``
             (see :func:`~lightning_entk.empirical_ntk`). ``None``: the whole model only.
             Single-process runs only (under DDP the ranks share the whole kernel's work).
         accuracy_key: the network's own metric shown beside the spectrum and used by the early
@@ -99,7 +113,9 @@ class ENTKMonitor(Callback):
         on_transition: called with each :class:`~lightning_entk.PhaseTransition` raised.
         cliff_options: keyword arguments for :func:`~lightning_entk.find_cliffs`.
         log_images: whether to add images and histograms to a TensorBoard logger.
-        image_every_n_evaluations: images at every n-th evaluation (rendering takes ~0.3 s).
+        image_every_n_evaluations: images at every n-th evaluation (when the time budget
+            affords them) and of the last evaluation at the end of fit. Drawing them takes
+            about as long as four evaluations of the demo's kernel.
         memory_budget: bytes that everything one evaluation allocates may take (the kernel's
             factors and blocks, output gradients, the kernel and its eigendecomposition). At
             setup the monitor predicts an evaluation's peak (:func:`~lightning_entk.ntk_plan`,
@@ -122,6 +138,7 @@ class ENTKMonitor(Callback):
         every_n_train_steps: int | None = None,
         mode: str = "trace",
         *,
+        max_overhead: float | None = None,
         max_probe_points: int = DEFAULT_MAX_PROBE_POINTS,
         params: ParamSelection = None,
         output_fn: OutputFn = None,
@@ -135,7 +152,7 @@ class ENTKMonitor(Callback):
         on_transition: Callable[[PhaseTransition], None] | None = None,
         cliff_options: Mapping[str, object] | None = None,
         log_images: bool = True,
-        image_every_n_evaluations: int = 5,
+        image_every_n_evaluations: int = 25,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
     ) -> None:
         for name, value in (
@@ -144,8 +161,6 @@ class ENTKMonitor(Callback):
         ):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"`{name}` must be a positive int or None, got {value!r}.")
-        if every_n_epochs is None and every_n_train_steps is None:
-            raise ValueError("Set `every_n_epochs` or `every_n_train_steps`; both are None.")
         if mode not in ("trace", "flatten"):
             raise ValueError(
                 f"`mode` must be 'trace' or 'flatten' (a square kernel), got {mode!r}."
@@ -169,9 +184,16 @@ class ENTKMonitor(Callback):
             raise ValueError(
                 f"`on_transition` must be callable, got {type(on_transition).__name__}."
             )
+        if max_overhead is None and every_n_epochs is None and every_n_train_steps is None:
+            raise ValueError(
+                "Set `every_n_epochs`, `every_n_train_steps` or `max_overhead`; all are None."
+            )
+        self.schedule = (
+            FixedCadence(every_n_epochs, every_n_train_steps)
+            if max_overhead is None
+            else TimeBudget(max_overhead)
+        )
         self._probe_argument = None if probe is None else as_probe_set(probe, max_probe_points)
-        self.every_n_epochs = every_n_epochs
-        self.every_n_train_steps = every_n_train_steps
         self.mode = mode
         self.max_probe_points = max_probe_points
         self.params = params
@@ -196,6 +218,13 @@ class ENTKMonitor(Callback):
         self._feature_pairs = False
         self._previous_kernel: Tensor | None = None
         self._rows_per_point = 1  # kernel rows per probe point: C for ``flatten``
+        self._image_seconds = 0.0  # what drawing the images took last time
+        self._pictured_step: int | None = None  # the step of the last images
+        self._last_result: Evaluation | None = None  # rank 0's last evaluation
+        self._summary = None  # (history and transitions it shows, the summary figure)
+        self._train_began: float | None = None
+        self.monitor_seconds = 0.0  # wall time of the evaluations (images and logging included)
+        self.training_seconds: float | None = None  # of training alone, set at its end
         self.summary_path: Path | None = None
 
     # ----------------------------------------------------------------------------------------
@@ -226,27 +255,39 @@ class ENTKMonitor(Callback):
         if tensorboard is not None and trainer.is_global_zero:
             layout = tensorboard_layout(self.accuracy_key, per_group=self.groups is not None)
             tensorboard.experiment.add_custom_scalars(layout)
+        self._train_began = time.perf_counter()
+        if isinstance(self.schedule, TimeBudget):
+            self.schedule.start(self._train_began)
         if not self.history:  # not resumed: the kernel at initialization
             self._run_evaluation(trainer, pl_module, when="start")
 
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
-            self._run_evaluation(trainer, pl_module, when="epoch")
-
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args) -> None:
-        n = self.every_n_train_steps
-        if n and trainer.global_step % n == 0 and self._last_step() != trainer.global_step:
-            self._run_evaluation(trainer, pl_module, when="step")
+        if not trainer.is_last_batch:  # the epoch's end decides for its last batch
+            self._evaluate_if_due(trainer, pl_module, epoch_end=False)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._evaluate_if_due(trainer, pl_module, epoch_end=True)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._train_began is not None:
+            elapsed = time.perf_counter() - self._train_began
+            self.training_seconds = elapsed - self.monitor_seconds
+        if self._last_step() != trainer.global_step:  # the kernel at the end of fit
+            self._run_evaluation(trainer, pl_module, when="end")
+        elif self._pictured_step != trainer.global_step and self._last_result is not None:
+            if self.log_images and _tensorboard(trainer) is not None:  # the last evaluation's
+                began = time.perf_counter()
+                self._draw_images(trainer, self._last_result)
+                self.monitor_seconds += time.perf_counter() - began
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         log_dir = _log_dir(trainer)
         if not trainer.is_global_zero or not self.history or log_dir is None:
             return  # without a logger: `summary_figure()` draws it on demand
         try:
-            figure = self.summary_figure()
             path = Path(log_dir) / SUMMARY_FILENAME
             path.parent.mkdir(parents=True, exist_ok=True)
-            figure.savefig(path, dpi=100)
+            self.summary_figure().savefig(path, dpi=100)
             self.summary_path = path
             rank_zero_info(f"ENTKMonitor: summary figure saved to {path}")
         except Exception as err:  # a figure must never fail the run
@@ -257,6 +298,7 @@ class ENTKMonitor(Callback):
             "history": [r.to_state() for r in self.history],
             "transitions": [vars(t) for t in self.transitions],
             "early_warning": self.early_warning.state_dict(),
+            "schedule": self.schedule.state_dict(),
             "probe": None if self.probe is None else vars(self.probe),
             "previous_kernel": self._previous_kernel,
         }
@@ -265,34 +307,66 @@ class ENTKMonitor(Callback):
         self.history = [EvaluationRecord.from_state(r) for r in state_dict["history"]]
         self.transitions = [PhaseTransition(**t) for t in state_dict["transitions"]]
         self.early_warning.load_state_dict(state_dict["early_warning"])
+        self.schedule.load_state_dict(state_dict.get("schedule", {}))
         if state_dict["probe"] is not None:
             self.probe = ProbeSet(**state_dict["probe"])
         self._previous_kernel = state_dict["previous_kernel"]
+
+    # ----------------------------------------------------------------------------------------
+    # When
+
+    def _evaluate_if_due(self, trainer: Trainer, pl_module: LightningModule, epoch_end: bool):
+        step, epoch = trainer.global_step, trainer.current_epoch + epoch_end
+        if trainer.sanity_checking or self.probe is None or self._last_step() == step:
+            return
+        if not self.schedule.due(step, epoch, epoch_end):
+            return
+        if isinstance(self.schedule, TimeBudget):
+            allowed = trainer.is_global_zero and self.schedule.allows(step, time.perf_counter())
+            if not self._shared_schedule(trainer, allowed):
+                return
+        self._run_evaluation(trainer, pl_module, when="epoch" if epoch_end else "step")
+
+    def _shared_schedule(self, trainer: Trainer, decision: bool = True) -> bool:
+        """Rank 0's ``decision`` and budget state, on every rank."""
+        if trainer.world_size == 1 or not isinstance(self.schedule, TimeBudget):
+            return decision
+        decision, state = trainer.strategy.broadcast((decision, self.schedule.state_dict()), 0)
+        self.schedule.load_state_dict(state)
+        return decision
 
     # ----------------------------------------------------------------------------------------
     # One evaluation
 
     def _run_evaluation(self, trainer: Trainer, pl_module: LightningModule, when: str) -> None:
         """Evaluate on rank 0, share the result with every rank, record, warn and log.
-        ``when``: ``start`` (before training), ``epoch`` (an epoch's end) or ``step``."""
+        ``when``: ``start`` (before training), ``epoch`` (an epoch's end), ``step`` (after a
+        training batch) or ``end`` (after training)."""
         if trainer.sanity_checking or self.probe is None:
             return
-        start = time.perf_counter()
-        kernel = self._distributed_kernel(trainer, pl_module) if trainer.world_size > 1 else None
+        began = time.perf_counter()
+        kernel = self._shared_kernel(trainer, pl_module) if trainer.world_size > 1 else None
         result = None
         if trainer.is_global_zero:
             result = self._evaluate_safely(trainer, pl_module, kernel)
-            if result is not None:
-                result.metrics["entk/seconds"] = time.perf_counter() - start
-        payload = (
-            None
-            if result is None
-            else (result.eigenvalues, result.cliffs, result.metrics, result.overlaps)
-        )
+        if result is not None:
+            result.metrics["entk/seconds"] = time.perf_counter() - began
+        payload = None if result is None else (result.eigenvalues, result.cliffs, result.metrics)
         payload = trainer.strategy.broadcast(payload, src=0)
-        if payload is None:
-            return
-        eigenvalues, cliffs, metrics, _ = payload
+        if payload is not None:
+            logged = time.perf_counter()
+            self._record_and_log(trainer, pl_module, when, *payload)
+            if trainer.is_global_zero and result is not None:
+                self._log_extras(trainer, result, when, logging=time.perf_counter() - logged)
+        ended = time.perf_counter()
+        self.monitor_seconds += ended - began
+        if trainer.is_global_zero and isinstance(self.schedule, TimeBudget):
+            metrics = {} if payload is None else payload[2]
+            self.schedule.record(trainer.global_step, began, ended, metrics)
+        self._shared_schedule(trainer)
+
+    def _record_and_log(self, trainer, pl_module, when: str, eigenvalues, cliffs, metrics):
+        """Append to the history, run the detector and log the scalars (on every rank)."""
         epoch = trainer.current_epoch + (when == "epoch")  # completed epochs
         if self.accuracy_key and self.accuracy_key in trainer.callback_metrics:
             metrics[self.accuracy_key] = float(trainer.callback_metrics[self.accuracy_key])
@@ -302,18 +376,16 @@ class ENTKMonitor(Callback):
         self.transitions.extend(raised)
         scalars = {k: v for k, v in metrics.items() if k.startswith("entk/")}
         scalars["entk/transitions"] = float(len(self.transitions))
-        if when == "start":  # Lightning allows no `self.log` here: straight to the loggers
-            for logger in trainer.loggers:
-                logger.log_metrics(scalars, step=trainer.global_step)
+        if when in ("start", "end"):  # Lightning allows no `self.log` here: to the loggers
+            _to_loggers(trainer, scalars)
         else:
-            on_step = when == "step"
             for key, value in scalars.items():
                 # Every rank holds the broadcast value: a max over ranks returns it exactly.
                 pl_module.log(
                     key,
                     value,
-                    on_step=on_step,
-                    on_epoch=not on_step,
+                    on_step=when == "step",
+                    on_epoch=when != "step",
                     prog_bar=key in PROGRESS_BAR_KEYS,
                     batch_size=1,
                     sync_dist=True,
@@ -321,60 +393,32 @@ class ENTKMonitor(Callback):
                 )
         for transition in raised:
             self._announce(trainer, transition)
-        if trainer.is_global_zero and result is not None:
-            self._log_images(trainer, result)
 
-    def _distributed_kernel(self, trainer: Trainer, pl_module: LightningModule) -> Tensor | None:
-        """Under several processes, each computes a share of the probe kernel and rank 0
-        receives it whole (the others ``None``).
-
-        ``trace``: each rank takes an equal share of the output projections (the identity's
-        columns for the exact kernel), so its backward passes and Gram products are
-        1/world_size of the work, and the parts are summed. ``flatten``: each rank computes the
-        kernel rows of an equal share of the probe points, which rank 0 assembles. A rank that
-        fails sends NaN (rank 0 then skips the evaluation): every rank always reaches the
-        collective, so a failure cannot deadlock the run."""
+    def _shared_kernel(self, trainer: Trainer, pl_module: LightningModule) -> Tensor | None:
+        """Under several processes, each computes a share of the probe kernel
+        (:mod:`~lightning_entk.distributed`) and rank 0 receives it whole (the others
+        ``None``). A rank that fails sends NaN, so that none waits forever."""
         world, rank = trainer.world_size, trainer.global_rank
         x = to_device(self.probe.x, pl_module.device)
-        n, outputs = num_points(x), self._rows_per_point
-        options = self._kernel_options()
+        n = num_points(x)
         try:
             with _preserved_rng():
-                if self.mode == "trace":
-                    part = self._trace_kernel_part(pl_module, x, world, rank, options)
-                else:
-                    share = math.ceil(n / world)
-                    # Equal shares for the gather: the last is padded with copies of point 0.
-                    rows = torch.arange(rank * share, (rank + 1) * share)
-                    rows = torch.where(rows < n, rows, 0)
-                    part = empirical_ntk(pl_module, take(x, rows), x, mode=self.mode, **options)
-                part = part.to(torch.float64)
+                share = kernel_share(
+                    pl_module,
+                    x,
+                    world,
+                    rank,
+                    mode=self.mode,
+                    output_projections=self.output_projections,
+                    options=self._kernel_options(),
+                )
         except Exception as err:
             rank_zero_warn(f"ENTKMonitor: kernel part failed on rank {rank}: {err!r}")
-            rows = n if self.mode == "trace" else outputs * math.ceil(n / world)
-            device = pl_module.device
-            part = torch.full((rows, outputs * n), torch.nan, dtype=torch.float64, device=device)
-        parts = trainer.strategy.all_gather(part)
+            share = failed_share(n, world, self.mode, self._rows_per_point, pl_module.device)
+        shares = trainer.strategy.all_gather(share)
         if not trainer.is_global_zero:
             return None
-        if self.mode == "trace":
-            return parts.sum(0)
-        return assemble_row_blocks(parts, n, outputs)
-
-    def _trace_kernel_part(
-        self, pl_module: LightningModule, x: Tensor, world: int, rank: int, options: dict
-    ) -> Tensor:
-        """This rank's part of the trace kernel: its share of the projection columns."""
-        columns = projection_matrix(
-            num_outputs(pl_module, x, self.output_fn, self.forward_fn),
-            self.output_projections,
-            dtype=compute_dtype(pl_module),
-            device=pl_module.device,
-        ).tensor_split(world, dim=1)[rank]
-        if columns.shape[1] == 0:  # more ranks than projections
-            n = num_points(x)
-            return torch.zeros(n, n, dtype=torch.float64, device=pl_module.device)
-        return empirical_ntk(pl_module, x, mode="trace", output_projections=columns, **options)
+        return combine_shares(shares, self.mode, n, self._rows_per_point)
 
     def _evaluate_safely(
         self, trainer: Trainer, pl_module: LightningModule, kernel: Tensor | None = None
@@ -417,51 +461,43 @@ class ENTKMonitor(Callback):
             except Exception as err:
                 rank_zero_warn(f"ENTKMonitor: the `on_transition` hook raised {err!r}; continuing.")
 
-    def _log_images(self, trainer: Trainer, result: Evaluation) -> None:
+    def _log_extras(self, trainer: Trainer, result: Evaluation, when: str, logging: float):
+        """Rank 0: the histogram; the images at every n-th evaluation and at the end, when the
+        time budget affords them; the time of the logging and of the images."""
+        self._last_result = result
         tensorboard = _tensorboard(trainer)
-        if not self.log_images or tensorboard is None:
-            return
-        step = trainer.global_step
-        writer = tensorboard.experiment
-        positive = result.eigenvalues[result.eigenvalues > 0]
-        if positive.size:
-            writer.add_histogram("entk/log10_eigenvalues", np.log10(positive), step)
-        if (len(self.history) - 1) % self.image_every_n_evaluations != 0:
-            return
+        seconds = {"entk/seconds/logging": logging}
+        if self.log_images and tensorboard is not None:
+            began = time.perf_counter()
+            plots.add_histogram(tensorboard.experiment, trainer.global_step, result.eigenvalues)
+            count = len(self.history) - 1  # evaluations since initialization
+            draw = when == "end" or (count > 0 and count % self.image_every_n_evaluations == 0)
+            if draw and isinstance(self.schedule, TimeBudget):
+                draw = self.schedule.affords(self._image_seconds, time.perf_counter())
+            if draw:
+                self._draw_images(trainer, result)
+            seconds["entk/seconds/images"] = time.perf_counter() - began
+        _to_loggers(trainer, seconds)
+
+    def _draw_images(self, trainer: Trainer, result: Evaluation) -> None:
+        """The evaluation's figures and the spectrum's evolution, as TensorBoard images."""
+        began = time.perf_counter()
         try:
-            figures = {
-                "entk/spectrum": plots.plot_spectrum(
-                    result.eigenvalues,
-                    result.cliffs,
-                    title=f"eNTK spectrum, epoch {self.history[-1].epoch}",
-                ),
-                "entk/spectrum_evolution": self.summary_figure(),
-            }
-            figures.update(self._alignment_figures(result))
-            for tag, figure in figures.items():
-                writer.add_image(tag, plots.figure_to_array(figure), step, dataformats="HWC")
+            plots.add_images(
+                _tensorboard(trainer).experiment,
+                trainer.global_step,
+                result.eigenvalues,
+                result.cliffs,
+                epoch=self.history[-1].epoch,
+                eigenvectors=result.eigenvectors,
+                features=self._features,
+                pairs=self._feature_pairs,
+                evolution=self.summary_figure(),
+            )
         except Exception as err:
             rank_zero_warn(f"ENTKMonitor could not draw its images: {err!r}")
-
-    def _alignment_figures(self, result: Evaluation) -> dict:
-        if not self._features or result.eigenvectors is None:
-            return {}
-        top = max([c.rank for c in result.cliffs], default=0)
-        k = min(result.eigenvectors.shape[1], max(2 * top, 16))
-        figures = {}
-        for family, features in self._features.items():
-            matrix = feature_alignment(
-                result.eigenvectors[:, :k], features, pairs=self._feature_pairs
-            )
-            figures[f"entk/alignment/{family}"] = plots.plot_alignment(
-                matrix,
-                title=f"|cos| of eigenvectors with features '{family}'",
-                col_label=(
-                    "frequency (cos and sin combined)" if self._feature_pairs else "feature index"
-                ),
-                cliffs=result.cliffs,
-            )
-        return figures
+        self._image_seconds = time.perf_counter() - began
+        self._pictured_step = trainer.global_step
 
     # ----------------------------------------------------------------------------------------
 
@@ -474,24 +510,13 @@ class ENTKMonitor(Callback):
         )
 
     def summary_figure(self):
-        """The spectrum's evolution over the evaluations so far, cliffs and accuracy alongside."""
-        epochs = np.array([r.epoch for r in self.history])
-        k = max(len(r.eigenvalues) for r in self.history)
-        values = np.full((len(self.history), k), np.nan)
-        for i, r in enumerate(self.history):
-            values[i, : len(r.eigenvalues)] = r.eigenvalues
-        accuracy = {}
-        for key in (self.accuracy_key, "entk/kernel_regression_acc"):
-            series = np.array([r.metrics.get(key, np.nan) for r in self.history], dtype=float)
-            if key and not np.isnan(series).all():
-                accuracy[key] = series
-        return plots.plot_spectrum_evolution(
-            epochs,
-            values,
-            [r.cliffs for r in self.history],
-            accuracy=accuracy or None,
-            transitions=self.transitions,
-        )
+        """The spectrum's evolution over the evaluations so far, cliffs and accuracy alongside
+        (drawn once for each state of the history)."""
+        drawn_for = (len(self.history), len(self.transitions))
+        if self._summary is None or self._summary[0] != drawn_for:
+            figure = plots.plot_history(self.history, self.accuracy_key, self.transitions)
+            self._summary = (drawn_for, figure)
+        return self._summary[1]
 
     def _kernel_options(self) -> dict:
         """The arguments of every kernel this monitor computes; the engine gets half the
@@ -506,12 +531,8 @@ class ENTKMonitor(Callback):
         }
 
     def _fit_to_budget(self, probe: ProbeSet, pl_module: LightningModule) -> ProbeSet:
-        """``probe``, or its largest seeded subset whose evaluation fits ``memory_budget``
-        (with a warning); logs each parameter's route and the predicted cost.
-
-        Raises:
-            ValueError: if not even two points fit.
-        """
+        """``probe``, or the largest seeded subset of it that fits ``memory_budget`` (with a
+        warning); logs each parameter's route and the predicted cost."""
         with _preserved_rng():
             plan = ntk_plan(
                 pl_module,
@@ -522,90 +543,20 @@ class ENTKMonitor(Callback):
             )
         self._rows_per_point = plan.num_outputs if self.mode == "flatten" else 1
         rank_zero_info(f"ENTKMonitor: {plan}")
-        fits = points_within_budget(plan, self.memory_budget, self._rows_per_point)
-        if fits >= len(probe):
-            return probe
-        if fits < 2:
-            raise ValueError(
-                f"ENTKMonitor: not even 2 probe points fit `memory_budget` = "
-                f"{self.memory_budget / 2**20:.0f} MiB ({plan.num_outputs} outputs, "
-                f"mode={self.mode!r}); raise `memory_budget`, use mode='trace', or set "
-                "`output_projections` or `params` to count fewer outputs or parameters."
-            )
-        rank_zero_warn(
-            f"ENTKMonitor: an evaluation on all {len(probe)} probe points would need more than "
-            f"`memory_budget` = {self.memory_budget / 2**20:.0f} MiB; it uses {fits} of them "
-            "(a fixed seeded subset). Raise `memory_budget`, or pass fewer points, "
-            "`output_projections` or `params`, to choose otherwise."
-        )
-        return probe.subset(fits)
+        probe, warning = probe_within_budget(probe, plan, self.memory_budget, self._rows_per_point)
+        if warning:
+            rank_zero_warn(warning)
+        return probe
 
     def _last_step(self) -> int | None:
         return self.history[-1].step if self.history else None
 
 
-def assemble_row_blocks(blocks: Tensor, n: int, outputs: int) -> Tensor:
-    """The kernel of ``n`` probe points from the row blocks of equal shares of them.
-
-    Args:
-        blocks: ``(world, outputs * share, outputs * n)``: block ``r`` holds the kernel rows of
-            points ``r * share .. (r + 1) * share - 1`` (class-major when ``outputs`` > 1,
-            padded past ``n``) against all ``n`` points.
-        n: probe points.
-        outputs: kernel rows per point: 1 for ``trace``, C for ``flatten``.
-
-    Example:
-        >>> k = torch.arange(16.0).reshape(4, 4)
-        >>> blocks = torch.stack([k[:2], k[2:]])
-        >>> torch.equal(assemble_row_blocks(blocks, n=4, outputs=1), k)
-        True
-    """
-    world, columns = blocks.shape[0], blocks.shape[2]
-    share = blocks.shape[1] // outputs
-    by_class = blocks.reshape(world, outputs, share, columns).transpose(0, 1)
-    return by_class.reshape(outputs, world * share, columns)[:, :n].reshape(outputs * n, columns)
-
-
-def tensorboard_layout(accuracy_key: str | None, per_group: bool = False) -> dict:
-    """TensorBoard's Custom Scalars layout of the monitor's charts: the network's accuracy
-    (``accuracy_key``) and eNTK kernel regression in one chart, then the cliffs, the top
-    eigenvalues, and alignment and velocity; with ``per_group``, the same signals of every
-    parameter group, one line per group. Tags are regular expressions (matched from the start
-    of a tag, as TensorBoard does)."""
-    accuracy = [f"{re.escape(accuracy_key)}$"] if accuracy_key else []
-    groups = {
-        "eNTK per parameter group": {
-            "accuracy: network and each group's kernel regression": [
-                "Multiline",
-                [*accuracy, r"entk/[^/]+/kernel_regression_acc$"],
-            ],
-            "kernel-target alignment of each group": [
-                "Multiline",
-                [r"entk/[^/]+/kernel_target_alignment$"],
-            ],
-            "top eigenvalue of each group": ["Multiline", [r"entk/[^/]+/eigenvalue/top1$"]],
-            "cliffs found in each group": ["Multiline", [r"entk/[^/]+/num_cliffs$"]],
-        }
-    }
-    return {
-        "eNTK monitor": {
-            "accuracy: network and eNTK kernel regression": [
-                "Multiline",
-                [*accuracy, r"entk/kernel_regression_acc$"],
-            ],
-            "cliffs found and phase-transition signals so far": [
-                "Multiline",
-                [r"entk/num_cliffs$", r"entk/transitions$"],
-            ],
-            "cliff ranks (eigenvalues above each cliff)": ["Multiline", [r"entk/cliff_rank/\d+$"]],
-            "top eigenvalues": ["Multiline", [r"entk/eigenvalue/top\d+$"]],
-            "kernel-target alignment and kernel velocity": [
-                "Multiline",
-                [r"entk/kernel_target_alignment$", r"entk/kernel_velocity$"],
-            ],
-        },
-        **(groups if per_group else {}),
-    }
+def _to_loggers(trainer: Trainer, scalars: Mapping[str, float]) -> None:
+    """Scalars straight to every logger at the current step (where ``self.log`` is not
+    allowed, or after it)."""
+    for logger in trainer.loggers:
+        logger.log_metrics(dict(scalars), step=trainer.global_step)
 
 
 def _tensorboard(trainer: Trainer) -> TensorBoardLogger | None:

@@ -9,11 +9,14 @@ Three signals, each raised once per run as a :class:`PhaseTransition`:
     On the modular-arithmetic MLP this rises 20-25 epochs before val_acc crosses 0.5
     (DESIGN.md section 6).
 ``new_cliff``
-    A cliff at a rank that the first evaluation did not have appears and is still there
-    ``persistence`` evaluations in a row (ranks within ``rank_tolerance`` count as one).
+    A cliff at a rank that the first evaluation did not have appears and is still there at
+    every evaluation ``persistence`` epochs later (ranks within ``rank_tolerance`` count as one).
 ``kernel_velocity``
-    The distance between successive normalised kernels jumps above ``velocity_factor`` times
-    its running median, after ``warmup`` evaluations.
+    The distance between successive normalised kernels, per optimizer step between them, jumps
+    above ``velocity_factor`` times its running median, once ``warmup`` rates are known.
+
+Every rule is stated in epochs and steps, not in evaluations, so that it means the same under a
+fixed cadence and under the uneven spacing of a time budget.
 """
 
 from __future__ import annotations
@@ -93,10 +96,12 @@ class EarlyWarning:
             against (``None``: the lead is judged against nothing, only the rise counts).
         lead_rise: rise of kernel-regression accuracy over its level at the first evaluation.
         lead_margin: how far kernel-regression accuracy must lead ``accuracy_key``.
-        persistence: evaluations in a row a new cliff must be seen.
+        persistence: epochs for which a new cliff must be seen (at every evaluation, at least
+            two).
         rank_tolerance: ranks this close count as the same cliff.
-        velocity_factor: kernel velocity above this many times its running median is a jump.
-        warmup: evaluations before velocity jumps are judged.
+        velocity_factor: kernel velocity per step above this many times its running median is
+            a jump.
+        warmup: velocities (per step) measured before jumps are judged.
 
     Raises:
         ValueError: for arguments out of range.
@@ -107,7 +112,7 @@ class EarlyWarning:
         accuracy_key: str | None = "val_acc",
         lead_rise: float = 0.2,
         lead_margin: float = 0.2,
-        persistence: int = 3,
+        persistence: int = 4,
         rank_tolerance: int = 2,
         velocity_factor: float = 5.0,
         warmup: int = 5,
@@ -140,6 +145,7 @@ class EarlyWarning:
             "regression_start": None,
             "streaks": {},
             "velocities": [],
+            "last_step": None,
             "raised": [],
         }
 
@@ -184,30 +190,43 @@ class EarlyWarning:
             for r in ranks
             if all(abs(r - b) > self.rank_tolerance for b in state["baseline_ranks"])
         ]
-        streaks = {}
+        streaks = {}  # rank -> [epoch first seen, evaluations seen since, without a gap]
         for r in fresh:
             previous = [s for s in state["streaks"] if abs(int(s) - r) <= self.rank_tolerance]
-            streaks[str(r)] = 1 + (state["streaks"][previous[0]] if previous else 0)
+            first, count = state["streaks"][previous[0]] if previous else (record.epoch, 0)
+            streaks[str(r)] = [first, count + 1]
         state["streaks"] = streaks
-        persistent = [int(r) for r, n in streaks.items() if n >= self.persistence]
+        persistent = [
+            int(r)
+            for r, (first, count) in streaks.items()
+            if count >= 2 and record.epoch - first >= self.persistence
+        ]
         if not persistent:
             return None
         rank = min(persistent)
+        first, count = streaks[str(rank)]
         drop = next(c.drop for c in record.cliffs if c.rank == rank)
-        return {"rank": float(rank), "drop": float(drop), "evaluations": float(streaks[str(rank)])}
+        return {
+            "rank": float(rank),
+            "drop": float(drop),
+            "epochs": float(record.epoch - first),
+            "evaluations": float(count),
+        }
 
     def _velocity_jump(self, record: EvaluationRecord) -> dict[str, float] | None:
         velocity = record.metrics.get("entk/kernel_velocity")
-        if velocity is None:
+        last_step, self._state["last_step"] = self._state["last_step"], record.step
+        if velocity is None or last_step is None or record.step <= last_step:
             return None
+        rate = velocity / (record.step - last_step)
         history = self._state["velocities"]
-        history.append(velocity)
+        history.append(rate)
         if len(history) <= self.warmup:
             return None
         median = float(np.median(history[:-1]))
-        if median <= 0 or velocity < self.velocity_factor * median:
+        if median <= 0 or rate < self.velocity_factor * median:
             return None
-        return {"kernel_velocity": velocity, "running_median": median}
+        return {"kernel_velocity": velocity, "per_step": rate, "running_median": median}
 
     def state_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, list) else v) for k, v in self._state.items()}

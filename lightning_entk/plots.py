@@ -24,6 +24,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter
 from matplotlib.transforms import blended_transform_factory
 
+from lightning_entk.alignment import feature_alignment
+
 FIGSIZE = (8.0, 5.0)  # inches; at DPI a 800 x 500 image, legible in TensorBoard's image panel
 DPI = 100
 CLIFF_COLOR = "tab:red"
@@ -436,3 +438,82 @@ def plot_alignment(
             clip_on=False,
         )
     return fig
+
+
+def plot_history(history: Sequence, accuracy_key: str | None, transitions: Iterable = ()) -> Figure:
+    """:func:`plot_spectrum_evolution` of a monitor's history (records with ``.epoch``,
+    ``.eigenvalues``, ``.cliffs`` and ``.metrics``): the network's ``accuracy_key`` and eNTK
+    kernel regression below, where measured."""
+    k = max(len(r.eigenvalues) for r in history)
+    values = np.full((len(history), k), np.nan)
+    for i, r in enumerate(history):
+        values[i, : len(r.eigenvalues)] = r.eigenvalues
+    accuracy = {}
+    for key in (accuracy_key, "entk/kernel_regression_acc"):
+        series = np.array([r.metrics.get(key, np.nan) for r in history], dtype=float)
+        if key and not np.isnan(series).all():
+            accuracy[key] = series
+    return plot_spectrum_evolution(
+        [r.epoch for r in history],
+        values,
+        [r.cliffs for r in history],
+        accuracy=accuracy or None,
+        transitions=transitions,
+    )
+
+
+def plot_evaluation(
+    eigenvalues,
+    cliffs: Sequence,
+    epoch: int,
+    eigenvectors: torch.Tensor | None = None,
+    features: Mapping[str, torch.Tensor] | None = None,
+    pairs: bool = False,
+) -> dict[str, Figure]:
+    """One evaluation's figures by TensorBoard tag: its spectrum with cliffs, and with
+    ``eigenvectors`` ``(R, k)`` and ground-truth ``features`` (family -> ``(R, F)``), the
+    |cosine| of the top eigenvectors (twice the deepest cliff's rank, at least 16) with each
+    family (cos/sin pairs of one frequency combined when ``pairs``)."""
+    figures = {
+        "entk/spectrum": plot_spectrum(eigenvalues, cliffs, title=f"eNTK spectrum, epoch {epoch}")
+    }
+    if not features or eigenvectors is None:
+        return figures
+    k = min(eigenvectors.shape[1], max(2 * max([c.rank for c in cliffs], default=0), 16))
+    for family, values in features.items():
+        figures[f"entk/alignment/{family}"] = plot_alignment(
+            feature_alignment(eigenvectors[:, :k], values, pairs=pairs),
+            title=f"|cos| of eigenvectors with features '{family}'",
+            col_label="frequency (cos and sin combined)" if pairs else "feature index",
+            cliffs=cliffs,
+        )
+    return figures
+
+
+def add_histogram(writer, step: int, eigenvalues: np.ndarray) -> None:
+    """The histogram of an evaluation's log10 eigenvalues (the positive ones), to a
+    TensorBoard ``SummaryWriter``."""
+    positive = eigenvalues[eigenvalues > 0]
+    if positive.size:
+        writer.add_histogram("entk/log10_eigenvalues", np.log10(positive), step)
+
+
+def add_images(
+    writer,
+    step: int,
+    eigenvalues: np.ndarray,
+    cliffs: Sequence,
+    *,
+    epoch: int,
+    eigenvectors: torch.Tensor | None = None,
+    features: Mapping[str, torch.Tensor] | None = None,
+    pairs: bool = False,
+    evolution: Figure | None = None,
+) -> None:
+    """The figures of :func:`plot_evaluation` (and the spectrum's ``evolution``, e.g.
+    :func:`plot_history`) as images to a TensorBoard ``SummaryWriter``."""
+    figures = plot_evaluation(eigenvalues, cliffs, epoch, eigenvectors, features, pairs)
+    if evolution is not None:
+        figures["entk/spectrum_evolution"] = evolution
+    for tag, figure in figures.items():
+        writer.add_image(tag, figure_to_array(figure), step, dataformats="HWC")

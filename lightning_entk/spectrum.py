@@ -53,9 +53,10 @@ class Spectrum:
     """Top eigenpairs of a kernel.
 
     Attributes:
-        eigenvalues: ``(k,)`` float64, descending.
-        eigenvectors: ``(R, k)`` float64 unit-norm columns in data space, or ``None`` when not
-            asked for. R = N for ``trace``, C*N (class-major) for ``flatten``.
+        eigenvalues: ``(k,)`` float64 (or the dtype :meth:`from_kernel` was asked for),
+            descending.
+        eigenvectors: ``(R, k)`` unit-norm columns of the same dtype in data space, or ``None``
+            when not asked for. R = N for ``trace``, C*N (class-major) for ``flatten``.
         route: how they were computed: ``kernel``, ``parameter`` or ``matrix_free``.
     """
 
@@ -65,14 +66,21 @@ class Spectrum:
 
     @classmethod
     def from_kernel(
-        cls, kernel: Tensor, k: int | None = None, eigenvectors: bool = True
+        cls,
+        kernel: Tensor,
+        k: int | None = None,
+        eigenvectors: bool = True,
+        dtype: torch.dtype = torch.float64,
     ) -> Spectrum:
-        """Eigenpairs of a symmetric kernel matrix ``(R, R)``, symmetrised and solved in float64.
+        """Eigenpairs of a symmetric kernel matrix ``(R, R)``, symmetrised and solved in
+        ``dtype`` (float64 by default; float32 serves a kernel computed in float32, whose own
+        round-off is as large: see :mod:`lightning_entk.evaluation`).
 
         Args:
             kernel: ``(R, R)``, e.g. ``empirical_ntk(..., mode="trace")``.
             k: how many of the largest eigenpairs to keep; ``None`` keeps all R.
             eigenvectors: whether to compute eigenvectors.
+            dtype: the dtype of the solver.
 
         Raises:
             ValueError: if the kernel is not square or not finite, or ``k`` is out of range.
@@ -91,7 +99,7 @@ class Spectrum:
         k = _check_k(k, rows)
         if not torch.isfinite(kernel).all():
             raise ValueError("`kernel` has NaN or inf entries; its spectrum is undefined.")
-        values, vectors = _top_eigh(_symmetrized_float64(kernel), k, eigenvectors)
+        values, vectors = _top_eigh(_symmetrized(kernel, dtype), k, eigenvectors)
         return cls(values, vectors)
 
     @property
@@ -271,10 +279,10 @@ def _check_k(k: int | None, rows: int, limit: int | None = None) -> int:
 _BLOCK_ROWS = 1024
 
 
-def _symmetrized_float64(matrix: Tensor) -> Tensor:
-    """``(M + M^T) / 2`` in float64, made in one new array (blocks of it at a time) rather than
-    the three that the expression would allocate. ``matrix`` is left untouched."""
-    sym = matrix.to(torch.float64, copy=True)
+def _symmetrized(matrix: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+    """``(M + M^T) / 2`` in ``dtype``, made in one new array (blocks of it at a time) rather
+    than the three that the expression would allocate. ``matrix`` is left untouched."""
+    sym = matrix.to(dtype, copy=True)
     rows = sym.shape[0]
     for lo in range(0, rows, _BLOCK_ROWS):
         hi = lo + _BLOCK_ROWS
@@ -289,7 +297,7 @@ def _symmetrized_float64(matrix: Tensor) -> Tensor:
 
 
 def _top_eigh(sym: Tensor, k: int, eigenvectors: bool) -> tuple[Tensor, Tensor | None]:
-    """The k largest eigenpairs of a symmetric float64 matrix, descending; ``sym`` is
+    """The k largest eigenpairs of a symmetric matrix, descending; ``sym`` is
     overwritten. On the CPU, LAPACK works in ``sym`` itself (no copy) and computes only the
     wanted eigenpairs (``syevr`` on an index subset): ~3x faster for k << R."""
     rows = sym.shape[0]
@@ -324,7 +332,7 @@ def _fix_signs(vectors: Tensor) -> Tensor:
 
 def _kernel_route(jac: Jacobian, mode: str, k: int, eigenvectors: bool) -> Spectrum:
     # The kernel in its compute dtype is dropped as soon as its float64 copy exists.
-    sym = _symmetrized_float64(jac.kernel(jac, mode))
+    sym = _symmetrized(jac.kernel(jac, mode))
     values, vectors = _top_eigh(sym, k, eigenvectors)
     return Spectrum(values, vectors, route="kernel")
 
@@ -343,7 +351,7 @@ def _parameter_route(jac: Jacobian, mode: str, k: int, eigenvectors: bool) -> Sp
         chunk = rows[lo : lo + step]
         live = chunk[(chunk != 0).any(dim=1)]
         gram.addmm_(live.T, live)
-    sym = _symmetrized_float64(gram)
+    sym = _symmetrized(gram)
     del gram
     values, vectors = _top_eigh(sym, k, eigenvectors=True)
     if not eigenvectors:

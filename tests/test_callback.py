@@ -1,4 +1,5 @@
 import copy
+import json
 import multiprocessing.util
 import re
 import warnings
@@ -15,8 +16,7 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_entk import ENTKMonitor, PhaseTransition, empirical_ntk
-from lightning_entk.callback import assemble_row_blocks
+from lightning_entk import ENTKMonitor, PhaseTransition
 from lightning_entk.probe import ProbeSet, kernel_memory_bytes
 
 
@@ -87,9 +87,14 @@ def fit(tmp_path, callbacks=(), max_epochs=3, logger=False, model=None, **kwargs
     return trainer, model
 
 
-def test_monitor_does_not_change_training(tmp_path):
+@pytest.mark.parametrize(
+    "options",
+    [{"every_n_epochs": 1, "every_n_train_steps": 2}, {"max_overhead": 10.0}],
+    ids=["cadence", "budget"],
+)
+def test_monitor_does_not_change_training(tmp_path, options):
     _, plain = fit(tmp_path / "plain")
-    monitor = ENTKMonitor(every_n_epochs=1, every_n_train_steps=2)
+    monitor = ENTKMonitor(**options)
     _, watched = fit(tmp_path / "watched", callbacks=[monitor])
     assert len(monitor.history) > 3
     for (name, a), b in zip(plain.state_dict().items(), watched.state_dict().values(), strict=True):
@@ -166,7 +171,9 @@ def test_monitor_invalid_arguments_fail_at_construction():
         ENTKMonitor(groups="layers")
     with pytest.raises(ValueError, match="`method` must be one of"):
         ENTKMonitor(method="fast")
-    with pytest.raises(ValueError, match="both are None"):
+    with pytest.raises(ValueError, match="`max_overhead` must be a positive number"):
+        ENTKMonitor(max_overhead=0)
+    with pytest.raises(ValueError, match="all are None"):
         ENTKMonitor(every_n_epochs=None)
     with pytest.raises(ValueError, match="`mode` must be"):
         ENTKMonitor(mode="full")
@@ -180,7 +187,9 @@ def test_monitor_invalid_arguments_fail_at_construction():
 
 def test_monitor_probe_over_budget_evaluates_what_fits(tmp_path):
     budget = 2**20
-    monitor = ENTKMonitor(probe=torch.randn(600, 6), memory_budget=budget, max_probe_points=600)
+    monitor = ENTKMonitor(
+        probe=torch.randn(600, 6), every_n_epochs=1, memory_budget=budget, max_probe_points=600
+    )
     with pytest.warns(UserWarning, match=r"all 600 probe points would need more than"):
         fit(tmp_path, callbacks=[monitor], max_epochs=1)
     kept = len(monitor.probe)
@@ -345,12 +354,17 @@ def test_monitor_ddp_spawn_matches_single_process(tmp_path, options):
         torch.manual_seed(0)
         return Classifier(lr=0.0, batchnorm=False)
 
-    single, _ = fit(tmp_path / "one", [ENTKMonitor(**options)], max_epochs=2, model=frozen_model())
+    single, _ = fit(
+        tmp_path / "one",
+        [ENTKMonitor(every_n_epochs=1, **options)],
+        max_epochs=2,
+        model=frozen_model(),
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         multi, _ = fit(
             tmp_path / "two",
-            [ENTKMonitor(**options), ReleaseProcessGroupAtExit()],
+            [ENTKMonitor(every_n_epochs=1, **options), ReleaseProcessGroupAtExit()],
             max_epochs=2,
             model=frozen_model(),
             strategy="ddp_spawn",
@@ -369,21 +383,37 @@ def test_monitor_ddp_spawn_matches_single_process(tmp_path, options):
         )
 
 
-@pytest.mark.parametrize("mode", ["trace", "flatten"])
-def test_row_blocks_of_equal_shares_assemble_the_kernel(mode):
-    """7 points over 3 ranks: shares of 3, the last padded; class-major rows for flatten."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
-    x = torch.randn(7, 6, dtype=torch.float64)
-    share = 3
-    blocks = []
-    for rank in range(3):
-        rows = torch.arange(rank * share, (rank + 1) * share)
-        rows = torch.where(rows < len(x), rows, 0)
-        blocks.append(empirical_ntk(model, x[rows], x, mode=mode))
-    outputs = 3 if mode == "flatten" else 1
-    kernel = assemble_row_blocks(torch.stack(blocks), n=len(x), outputs=outputs)
-    torch.testing.assert_close(kernel, empirical_ntk(model, x, mode=mode), rtol=1e-12, atol=0)
+class SaveEvaluatedSteps(Callback):
+    """Each rank writes the steps its monitor evaluated at to ``rank<r>.json``."""
+
+    def __init__(self, directory):
+        self.directory = directory
+
+    def on_fit_end(self, trainer, pl_module):
+        monitor = next(c for c in trainer.callbacks if isinstance(c, ENTKMonitor))
+        steps = [r.step for r in monitor.history]
+        (self.directory / f"rank{trainer.global_rank}.json").write_text(json.dumps(steps))
+
+
+@pytest.mark.slow
+def test_monitor_time_budget_evaluates_at_the_same_steps_on_every_ddp_rank(tmp_path):
+    """Rank 0 measures and decides; every rank evaluates at the steps it decided."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit(
+            tmp_path,
+            [
+                ENTKMonitor(max_overhead=0.5),
+                SaveEvaluatedSteps(tmp_path),
+                ReleaseProcessGroupAtExit(),
+            ],
+            max_epochs=4,
+            strategy="ddp_spawn",
+            devices=2,
+        )
+    steps = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert steps[0] == steps[1]
+    assert len(steps[0]) >= 3 and steps[0][0] == 0  # initialization, some, the end
 
 
 def test_monitor_with_output_projections_estimates_the_trace_kernel(tmp_path):

@@ -38,3 +38,5 @@ def test_demo_logs_a_new_cliff_through_grokking(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "eNTK monitor summary" in printed and f"tensorboard --logdir {tmp_path}" in printed
     assert "kernel_regression_lead" in printed and ": an early warning" in printed
+    assert f"for {len(monitor.history)} evaluations" in printed
+    assert 0 < monitor.monitor_seconds and 0 < monitor.training_seconds

@@ -65,11 +65,21 @@ def test_regression_lead_silent_without_kernel_regression():
 
 
 def test_new_cliff_must_persist_and_be_new():
-    detector = EarlyWarning(persistence=3, rank_tolerance=2)
+    detector = EarlyWarning(persistence=2, rank_tolerance=2)
     ranks = [(57,), (57,), (57, 113), (57, 112), (57,), (58, 113), (57, 114), (57, 113)]
     raised = [t for e, r in enumerate(ranks) for t in detector.update(record(e, r))]
     assert [(t.epoch, t.kind, t.evidence["rank"]) for t in raised] == [(7, "new_cliff", 113.0)]
-    assert raised[0].evidence["evaluations"] == 3
+    assert (raised[0].evidence["epochs"], raised[0].evidence["evaluations"]) == (2, 3)
+
+
+def test_rules_are_in_epochs_and_steps_not_evaluations():
+    """Under the uneven spacing of a time budget: a new cliff seen at two evaluations 20 epochs
+    apart has persisted; velocities that grow with the gap between evaluations are no jump."""
+    detector = EarlyWarning(persistence=4, warmup=2)
+    epochs = [0, 1, 2, 4, 24, 25, 65]
+    velocity = {1: 0.01, 2: 0.01, 4: 0.02, 24: 0.2, 25: 0.01, 65: 0.4}
+    history = [record(e, (57, 113) if e >= 4 else (57,), velocity=velocity.get(e)) for e in epochs]
+    assert kinds(detector, history) == [(24, "new_cliff")]
 
 
 def test_velocity_jump_after_warmup():
@@ -80,10 +90,10 @@ def test_velocity_jump_after_warmup():
 
 
 def test_state_round_trip_continues_where_it_left_off():
-    detector = EarlyWarning(persistence=2)
+    detector = EarlyWarning(persistence=1)
     for e, ranks in enumerate([(57,), (57, 113)]):
         detector.update(record(e, ranks))
-    resumed = EarlyWarning(persistence=2)
+    resumed = EarlyWarning(persistence=1)
     resumed.load_state_dict(copy.deepcopy(detector.state_dict()))
     assert kinds(resumed, [record(2, (57, 113))]) == [(2, "new_cliff")]
     assert kinds(resumed, [record(3, (57, 113))]) == []  # once per run

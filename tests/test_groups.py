@@ -5,9 +5,12 @@ import pytest
 import torch
 from test_kernel import MODES, assert_relative_close
 from torch import nn
-from user_models import RawTransformer
+from user_models import MHAClassifier, RawTransformer
 
+from example_modules.modular_arithmetic import ModularArithmeticMLP
+from example_modules.modular_transformer import ModularTransformer
 from lightning_entk import empirical_ntk, ntk_spectrum
+from lightning_entk.kernel.context import automatic_groups
 
 
 class WithOpaque(nn.Module):
@@ -36,11 +39,14 @@ def cases():
         "transformer": (transformer, tokens, groups),
         "opaque_by_module": (opaque, x, "modules"),
         "opaque_by_callable": (opaque, x, lambda n: "free" if n in ("W", "s") else "layers"),
+        "opaque_automatic": (opaque, x, "auto"),
     }
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("case", ["transformer", "opaque_by_module", "opaque_by_callable"])
+@pytest.mark.parametrize(
+    "case", ["transformer", "opaque_by_module", "opaque_by_callable", "opaque_automatic"]
+)
 def test_group_kernels_sum_to_the_kernel_and_equal_their_parameters_alone(case, mode):
     model, x, groups = cases()[case]
     x2 = x[:3]
@@ -54,6 +60,10 @@ def test_group_kernels_sum_to_the_kernel_and_equal_their_parameters_alone(case, 
 
 
 def _group(groups, name):
+    if groups == "auto":
+        return {"inp.weight": "inp", "inp.bias": "inp", "W": "(model)", "s": "(model)"}.get(
+            name, "out"
+        )
     if groups == "modules":
         return name.split(".", 1)[0]
     if callable(groups):
@@ -82,3 +92,23 @@ def test_group_spectra_are_the_spectra_of_the_group_kernels():
     for group, kernel in kernels.items():
         expected = torch.linalg.eigvalsh(kernel).flip(0)[:3]
         torch.testing.assert_close(spectra[group].eigenvalues, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        (ModularArithmeticMLP(), ["layer1", "layer2"]),
+        (ModularTransformer(), ["body", "embed", "unembed"]),  # 9 top-level modules
+        (MHAClassifier(), ["attn", "embed", "head"]),  # attention's own weights stay whole
+        (
+            nn.ModuleDict({"net": nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 2))}),
+            ["net.0", "net.1"],
+        ),
+    ],
+    ids=["mlp", "transformer", "attention", "wrapper"],
+)
+def test_automatic_groups_follow_the_model_parts_and_stay_few(model, expected):
+    names = [n for n, _ in model.named_parameters()]
+    groups = automatic_groups(model, names)
+    assert sorted(set(groups.values())) == expected
+    assert set(groups) == set(names)

@@ -20,6 +20,8 @@ from user_models import (
 )
 
 from lightning_entk import empirical_ntk
+from lightning_entk.kernel import factors
+from lightning_entk.kernel.factors import separable
 
 from reference import (
     brute_force_jacobian,
@@ -351,3 +353,39 @@ def test_user_models_are_deterministic_under_manual_seed(name):
         out = default_output(call_model(first.eval(), x1))
     assert out.dtype == torch.float64 and out.shape[0] == num_points(x1) and out.ndim == 2
     assert torch.isfinite(out).all()
+
+
+def test_separable_finds_rank_one_columns_and_refuses_others():
+    torch.manual_seed(0)
+    d, a = torch.randn(50, 7, dtype=torch.float64), torch.randn(4, 7, dtype=torch.float64)
+    g = d[:, None] * a
+    g[:, :, 3] = 0  # a column without gradient
+    found = separable(g)
+    assert found is not None
+    torch.testing.assert_close(found[0][:, None] * found[1], g, rtol=1e-14, atol=0)
+    g[3, 2, 5] += 1e-9 * g.abs().max()
+    assert separable(g) is None
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_empirical_ntk_last_hidden_layer_through_separable_gram_matches_brute_force(
+    mode, monkeypatch
+):
+    """Linear -> tanh -> Linear: the first layer's output gradients are rank one per unit,
+    and its trace kernel is contracted without the outputs' sum."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 6)
+    ).double()
+    x1, x2 = torch.randn(9, 5, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
+    found = []
+
+    def spy(g):
+        found.append(separable(g) is not None)
+        return separable(g)
+
+    monkeypatch.setattr(factors, "separable", spy)
+    for second in (None, x2):
+        expected = brute_force_ntk(model, x1, second, mode=mode)
+        torch.testing.assert_close(empirical_ntk(model, x1, second, mode=mode), expected)
+    assert (True in found) == (mode == "trace")

@@ -161,7 +161,9 @@ def empirical_ntk(
             split into more, smaller pieces to stay within it.
         groups: ``None`` for the whole kernel; else the kernel of each parameter group, as a
             dict, in one pass (the kernel is a sum over parameters, so the groups' kernels sum
-            to the whole): ``"modules"`` (the model's top-level children), a callable
+            to the whole): ``"modules"`` (the model's top-level children), ``"auto"`` (a few
+            groups that follow the model's parts: embeddings, blocks, head; see
+            :func:`~lightning_entk.kernel.context.automatic_groups`), a callable
             ``name -> group``, or a mapping ``group -> parameter names`` (or predicate), the
             parameters no group claims in ``"other"``.
 

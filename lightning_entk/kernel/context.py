@@ -195,10 +195,11 @@ def check_kernel_options(
             f"`forward_fn` must be callable (model, points) -> (N, C), got {forward_fn!r}."
         )
     if groups is not None and not (
-        groups == "modules" or callable(groups) or isinstance(groups, Mapping)
+        groups in ("modules", "auto") or callable(groups) or isinstance(groups, Mapping)
     ):
         raise ValueError(
-            "`groups` must be None, 'modules', a callable name -> group, or a mapping group -> "
+            "`groups` must be None, 'modules', 'auto', a callable name -> group, or a mapping "
+            "group -> "
             f"parameter names (or predicate), got {groups!r}."
         )
 
@@ -207,8 +208,9 @@ def parameter_groups(model: nn.Module, names: list[str], groups: Groups) -> dict
     """Parameter name -> group name for every counted parameter (``names``).
 
     ``groups`` is ``"modules"`` (the model's top-level children, a parameter of the model itself
-    its own group), a callable ``name -> group``, or a mapping ``group -> parameter names``
-    (or ``group -> predicate(name)``); a parameter no group of a mapping claims is in
+    its own group), ``"auto"`` (a few groups at the level that separates the model's parts:
+    :func:`automatic_groups`), a callable ``name -> group``, or a mapping ``group -> parameter
+    names`` (or ``group -> predicate(name)``); a parameter no group of a mapping claims is in
     ``"other"``.
 
     Raises:
@@ -218,6 +220,8 @@ def parameter_groups(model: nn.Module, names: list[str], groups: Groups) -> dict
     check_kernel_options(groups=groups)
     if groups == "modules":
         return {n: n.split(".", 1)[0] for n in names}
+    if groups == "auto":
+        return automatic_groups(model, names)
     if callable(groups):
         return {n: str(groups(n)) for n in names}
     found: dict[str, str] = {}
@@ -236,6 +240,66 @@ def parameter_groups(model: nn.Module, names: list[str], groups: Groups) -> dict
                 raise ValueError(f"Parameter {m!r} is in two groups, {found[m]!r} and {group!r}.")
             found[m] = group
     return {n: found.get(n, "other") for n in names}
+
+
+MAX_AUTOMATIC_GROUPS = 6
+
+
+def automatic_groups(
+    model: nn.Module, names: list[str], max_groups: int = MAX_AUTOMATIC_GROUPS
+) -> dict[str, str]:
+    """A few parameter groups that follow the model's parts: parameter name -> group.
+
+    From the top-level modules, the one holding most parameters is split into its children
+    (when it has no parameters of its own) as long as there are at most ``max_groups`` groups:
+    a wrapper, or a backbone beside a head, gives way to its parts (embeddings, blocks, head).
+    When the top level alone has more, its first and last modules keep their own groups (in a
+    language model: the embedding and the unembedding) and those between are ``"body"``.
+    Parameters of the model itself, outside its children, are the group ``"(model)"``.
+
+    Example:
+        >>> mlp = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> wrapped = nn.ModuleDict({"net": mlp})
+        >>> groups = automatic_groups(wrapped, [n for n, _ in wrapped.named_parameters()])
+        >>> sorted(set(groups.values()))
+        ['net.0', 'net.2']
+    """
+    counted = set(names)
+
+    def size(prefix: str) -> int:
+        return sum(1 for n in counted if n == prefix or n.startswith(prefix + "."))
+
+    def parts(prefix: str, module: nn.Module) -> list[str]:
+        """The module's children that hold counted parameters, and itself for its own."""
+        dot = prefix + "." if prefix else ""
+        found = [dot + name for name, _ in module.named_children() if size(dot + name)]
+        if any(dot + n in counted for n, _ in module.named_parameters(recurse=False)):
+            found.append(prefix or "(model)")
+        return found
+
+    modules = dict(model.named_modules())
+    groups = parts("", model)
+    while True:
+        largest = max(groups, key=size, default=None)
+        split = parts(largest, modules[largest]) if largest in modules and largest else []
+        if len(split) < 2 or largest in split or len(groups) - 1 + len(split) > max_groups:
+            break
+        index = groups.index(largest)
+        groups[index : index + 1] = split
+    if len(groups) > max_groups:
+        groups = [groups[0], "body", groups[-1]]
+
+    def group_of(name: str) -> str:
+        owners = [g for g in groups if name.startswith(g + ".")]
+        if owners:
+            return max(owners, key=len)
+        return name.rsplit(".", 1)[0] if "." in name else "(model)"
+
+    assigned = {n: group_of(n) for n in names}
+    if "body" in groups:
+        edges = {groups[0], groups[-1]}
+        assigned = {n: g if g in edges else "body" for n, g in assigned.items()}
+    return assigned
 
 
 def compute_dtype(model: nn.Module) -> torch.dtype:
@@ -826,6 +890,8 @@ def _factor_block(uses: list[Use], parts: list[tuple[Tensor, Tensor | None]]) ->
 def _live_positions(block: FactorBlock) -> FactorBlock:
     """The block without the positions where ``g`` is zero for every point and output."""
     g = block.g
+    if g.shape[1] == 1:  # one position: nothing to drop
+        return block
     live = g.reshape(g.shape[0], g.shape[1], -1).ne(0).any(dim=2).any(dim=0)
     if live.all() or not live.any():
         return block

@@ -59,6 +59,36 @@ def dense_flops(n1: int, n2: int, t1: int, t2: int, size: int, c: int, mode: str
     return 2.0 * n1 * n2 * paired * size + 2.0 * (n1 * t1 + n2 * t2) * c * size
 
 
+def separable(g: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``g`` ``(R, C, K)`` as ``d[r, k] * A[c, k]`` when every column ``g[:, :, k]`` is rank
+    one to round-off (``|g - d A| <= 32 eps |g|``): ``(d (R, K), A (C, K))``, else ``None``.
+
+    Output gradients have this form where a use's outputs reach the model's outputs through
+    an elementwise map and then a fixed linear one (the last hidden layer of an MLP, the
+    unembedding): the trace Gram ``sum_c g[n, c, k] g[m, c, k]`` is then
+    ``d[n, k] d[m, k] |A[:, k]|^2``, C times fewer flops.
+    """
+    rows, c, width = g.shape
+    # Along a fixed generic direction of the outputs, a rank-one column is d[:, k] times a
+    # number (nonzero but by accident, when the check below fails): its largest row there is
+    # a row where the column is nonzero.
+    generic = torch.cos(torch.arange(c, dtype=g.dtype, device=g.device) * 1.618 + 0.5)
+    pivots = (generic @ g).abs().argmax(0)
+    a = g[pivots, :, torch.arange(width, device=g.device)].T  # (C, K)
+    norms = a.square().sum(0)
+    norms = torch.where(norms > 0, norms, 1)
+    d = torch.empty(rows, width, dtype=g.dtype, device=g.device)
+    squared = g.new_zeros(())
+    step = max(1, 2**18 // (c * width))
+    for lo in range(0, rows, step):  # row blocks: no temporary of g's size, whose
+        block = g[lo : lo + step]  # allocation would cost more than the whole check
+        d[lo : lo + step] = (block * a).sum(1) / norms
+        squared += torch.addcmul(block, d[lo : lo + step, None], a, value=-1).square().sum()
+    if squared.sqrt() > 32 * torch.finfo(g.dtype).eps * torch.linalg.vector_norm(g):
+        return None
+    return d, a
+
+
 def contract(j1: Tensor, j2: Tensor, mode: str, symmetric: bool) -> Tensor:
     """The kernel of per-example Jacobians ``(N1, C, P)`` and ``(N2, C, P)`` in ``full``,
     ``trace`` or ``diagonal`` layout."""
@@ -148,15 +178,20 @@ class FactorBlock:
         g1 = self.g.reshape(n1 * t1, c, h, b)
         g2 = other.g.reshape(n2 * t2, c, h, b)
         if mode == "trace":
-            if h == 1:
-                k = gram(g1.reshape(n1 * t1, -1), g2.reshape(n2 * t2, -1), symmetric)
-                k = k.mul_(k_in[0]) if self.a is not None or self.tokens is not None else k
-            else:
+            k_out = self._separable_output_gram(other) if c > 1 else None
+            if k_out is None and h == 1:
+                k_out = gram(g1.reshape(n1 * t1, -1), g2.reshape(n2 * t2, -1), symmetric)[None]
+            elif k_out is None:
                 k_out = torch.bmm(
                     g1.permute(2, 0, 1, 3).reshape(h, n1 * t1, c * b),
                     g2.permute(2, 1, 3, 0).reshape(h, c * b, n2 * t2),
                 )
+            if h > 1:
                 k = (k_out * k_in).sum(0)
+            elif self.a is not None or self.tokens is not None:
+                k = k_out[0].mul_(k_in[0])
+            else:
+                k = k_out[0]
             return k if t1 == t2 == 1 else k.reshape(n1, t1, n2, t2).sum(dim=(1, 3))
         k_in = k_in.reshape(h, n1, t1, n2, t2)
         if mode == "diagonal":
@@ -170,6 +205,24 @@ class FactorBlock:
             g2.permute(2, 3, 0, 1).reshape(h, b, n2 * t2 * c),
         ).reshape(h, n1, t1, c, n2, t2, c)
         return torch.einsum("hntms,hntimsj->nmij", k_in, k_out)
+
+    def _separable_output_gram(self, other: FactorBlock) -> Tensor | None:
+        """(H, N1 T1, N2 T2) ``sum_c`` Gram of the output gradients per head when both
+        blocks' are :func:`separable` (else ``None``)."""
+        n1, t1, c, h, b = self.g.shape
+        n2, t2 = other.g.shape[:2]
+        mine = separable(self.g.reshape(n1 * t1, c, h * b))
+        theirs = (
+            mine if other is self or mine is None else separable(other.g.reshape(n2 * t2, c, h * b))
+        )
+        if theirs is None:
+            return None
+        weights = (mine[1] * theirs[1]).sum(0)  # (H B,)
+        d1 = (mine[0] * weights).reshape(n1 * t1, h, b).transpose(0, 1)
+        d2 = theirs[0].reshape(n2 * t2, h, b).transpose(0, 1)
+        if h == 1:
+            return gram(d1[0], d2[0], symmetric=False)[None]
+        return torch.bmm(d1, d2.transpose(1, 2))
 
     def output_slice(self, lo: int, hi: int) -> FactorBlock:
         """The block restricted to outputs ``lo:hi`` (views, no copy)."""

@@ -1,0 +1,139 @@
+"""When the monitor evaluates: the fixed cadence and the time budget, on a simulated clock."""
+
+import itertools
+import statistics
+
+import pytest
+
+from lightning_entk.schedule import FixedCadence, TimeBudget, moving_signals, signal_change
+
+
+def run(budget, steps, step_seconds, evaluation_seconds, signal):
+    """Train ``steps`` steps of ``step_seconds`` each on a simulated clock, evaluating when the
+    budget says so; ``evaluation_seconds(i)`` is the i-th evaluation's cost and
+    ``signal(step)`` its kernel regression accuracy. Returns the evaluated steps and the clock's
+    split into training and monitor seconds after each evaluation."""
+    now = 0.0
+    budget.start(now)
+    evaluated, ledger = [], []
+
+    def evaluate(step):
+        nonlocal now
+        began = now
+        now += evaluation_seconds(len(evaluated))
+        budget.record(step, began, now, {"entk/kernel_regression_acc": signal(step)})
+        evaluated.append(step)
+        ledger.append((budget.trained(now), budget.state_dict()["spent"]))
+
+    evaluate(0)
+    for step in range(1, steps + 1):
+        now += step_seconds
+        if budget.due(step, step, True) and budget.allows(step, now):
+            evaluate(step)
+    return evaluated, ledger
+
+
+def test_time_budget_is_dense_where_the_signal_moves_and_sparse_where_it_is_quiet():
+    """Evaluations of 0.05 s beside steps of 0.01 s at a 20% budget: one per 25 steps on
+    average. A signal flat but for a rise over steps 400-500: the quiet stretches wait up to
+    2 x 25 steps, and what they save buys dense evaluations in the rise."""
+
+    def signal(step):
+        return min(max((step - 400) / 100, 0.0), 1.0)
+
+    budget = TimeBudget(max_overhead=0.2, tolerance=0.02)
+    evaluated, _ = run(budget, 1000, 0.01, lambda i: 0.05, signal)
+    rising = [s for s in evaluated if 400 < s <= 500]
+    quiet = [s for s in evaluated if 600 <= s <= 1000]
+    assert len(rising) >= 8, evaluated
+    assert len(quiet) <= 400 // 25 + 1, evaluated  # the budget's pace or slower
+    assert len(rising) / 100 >= 2 * len(quiet) / 400, evaluated
+    before = [b - a for a, b in itertools.pairwise(evaluated) if b <= 400]
+    assert max(before) <= 2 * 25 + 1, evaluated  # quiet, money left: 2 x 25 steps at most
+
+
+def test_time_budget_is_denser_on_a_moving_kernel_than_on_a_frozen_one():
+    moving, frozen = TimeBudget(max_overhead=0.2), TimeBudget(max_overhead=0.2)
+    evaluated_moving, _ = run(moving, 2000, 0.01, lambda i: 0.05, lambda step: step / 500 % 1)
+    evaluated_frozen, _ = run(frozen, 2000, 0.01, lambda i: 0.05, lambda step: 0.5)
+    assert len(evaluated_moving) >= 2 * len(evaluated_frozen)
+
+
+def test_time_budget_respects_its_budget_when_one_evaluation_is_slow():
+    """Evaluations of 0.05 s beside steps of 0.01 s, a 20% budget, one evaluation taking 2 s:
+    after it no evaluation comes until training has paid for it, and at every evaluation the
+    monitor's time (the first evaluation's aside) stays within the budget, plus at most the
+    evaluation the budget's estimate let through."""
+
+    def cost(i):
+        return 2.0 if i == 5 else 0.05
+
+    budget = TimeBudget(max_overhead=0.2, burst=0)
+    evaluated, ledger = run(budget, 3000, 0.01, cost, lambda step: step / 3000)
+    for trained, spent in ledger[1:]:
+        assert spent <= 0.2 * trained + 2.0 + 1e-9
+    slow_at = evaluated[5]
+    trained_then, spent_then = ledger[5]
+    next_at = evaluated[6]
+    assert spent_then + 0.05 <= 0.2 * (trained_then + (next_at - slow_at) * 0.01) + 1e-9
+    typical = statistics.median(b - a for a, b in itertools.pairwise(evaluated[:6]))
+    assert next_at - slow_at >= 10 * typical  # paying it back
+    trained, spent = ledger[-1]
+    assert spent <= 0.2 * trained + 0.05 + 1e-9  # paid back by the end
+
+
+def test_time_budget_affords_extra_work_within_the_budget_only():
+    budget = TimeBudget(max_overhead=0.2)
+    budget.start(now=0.0)
+    budget.record(step=0, began=0.0, ended=1.0, metrics={})  # the first: not charged
+    budget.record(step=10, began=6.0, ended=6.5, metrics={})  # 5 s trained, 0.5 s spent
+    assert budget.trained(now=6.5) == pytest.approx(5.0)
+    assert budget.affords(0.5, now=6.5) and not budget.affords(0.6, now=6.5)
+
+
+def test_time_budget_state_round_trip_continues_the_same_schedule():
+    a = TimeBudget()
+    run(a, 50, 0.01, lambda i: 0.002, lambda step: step / 50)
+    b = TimeBudget()
+    b.load_state_dict(a.state_dict())
+    assert b.next_step == a.next_step and b.state_dict() == a.state_dict()
+
+
+def test_fixed_cadence_by_epochs_and_by_steps():
+    by_epoch, by_step = FixedCadence(every_n_epochs=3), FixedCadence(every_n_train_steps=4)
+    assert [e for e in range(1, 10) if by_epoch.due(100, e, epoch_end=True)] == [3, 6, 9]
+    assert not by_epoch.due(3, 3, epoch_end=False)
+    assert [s for s in range(1, 13) if by_step.due(s, 0, epoch_end=False)] == [4, 8, 12]
+    assert by_step.due(8, 1, epoch_end=True)  # an epoch's last batch, asked at its end
+
+
+def test_moving_signals_and_their_change():
+    metrics = {
+        "entk/kernel_regression_acc": 0.5,
+        "entk/head/kernel_target_alignment": 0.25,
+        "entk/kernel_velocity": 0.125,
+        "entk/num_cliffs": 2.0,
+        "val_acc": 0.9,
+    }
+    signals = moving_signals(metrics)
+    assert set(signals) == {
+        "entk/kernel_regression_acc",
+        "entk/head/kernel_target_alignment",
+        "entk/kernel_velocity",
+    }
+    previous = {"entk/kernel_regression_acc": 0.25, "entk/head/kernel_target_alignment": 0.0}
+    assert signal_change(previous, signals) == 0.25
+    assert signal_change({}, {"entk/kernel_regression_acc": 0.5}) is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_overhead": 0}, "`max_overhead` must be a positive number"),
+        ({"tolerance": -1.0}, "`tolerance` must be a positive number"),
+        ({"burst": -1}, "`burst` must be a non-negative int"),
+    ],
+)
+def test_time_budget_invalid_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TimeBudget(**kwargs)
