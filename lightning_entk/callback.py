@@ -104,8 +104,9 @@ class ENTKMonitor(Callback):
         groups: parameter groups whose own kernels (from the same pass) get their spectrum's
             top, cliffs, kernel-target alignment and kernel regression logged under
             ``entk/<group>/...``, beside the whole model's: ``"modules"`` (the top-level
-            children), ``"auto"`` (a few groups that follow the model's parts), a callable ``name -> group`` or a mapping ``group -> parameter names``
-            (see :func:`~lightning_entk.empirical_ntk`). ``None``: the whole model only.
+            children), ``"auto"`` (a few groups that follow the model's parts), a callable
+            ``name -> group`` or a mapping ``group -> parameter names`` (see
+            :func:`~lightning_entk.empirical_ntk`). ``None``: the whole model only.
             Single-process runs only (under DDP the ranks share the whole kernel's work).
         accuracy_key: the network's own metric shown beside the spectrum and used by the early
             warning (looked up in ``trainer.callback_metrics``).

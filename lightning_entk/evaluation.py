@@ -12,6 +12,7 @@ Logged scalars (``R`` rows of the kernel: N for ``trace``, C*N for ``flatten``):
     entk/kernel_velocity             || K_t/|K_t| - K_s/|K_s| ||_F against the previous evaluation s
     entk/kernel_target_alignment     centred alignment of K with the labels' Y Y^T (trace mode)
     entk/kernel_regression_acc       accuracy of eNTK kernel regression on held-out probe points
+    entk/heldout_alignment           kernel-target alignment on the held-out probe points alone
     entk/overlap/<family>            subspace overlap of the best cliff segment with a family of
                                      ground-truth features
     entk/seconds                     wall time of the evaluation, split into
@@ -163,7 +164,8 @@ def evaluate(
     assembled from row blocks computed by several processes); computed here when ``None``.
     ``groups``: parameter groups (see :func:`~lightning_entk.empirical_ntk`) whose kernels,
     from the same pass, get their own spectrum, cliffs and label signals under
-    ``entk/<group>/...`` (not with a given ``kernel``).
+    ``entk/<group>/...`` (not with a given ``kernel``), in the order of the model's parameters
+    (the early warning takes the last group as the readout).
 
     Raises:
         FloatingPointError: if the kernel is not finite (the caller skips the evaluation).
@@ -252,15 +254,21 @@ def spectrum_and_cliffs(
 
 def label_metrics(kernel: Tensor, probe: ProbeSet, mode: str, rtol: float) -> dict[str, float]:
     """With labels (trace mode), the kernel-target alignment and, with held-out points, the
-    accuracy of kernel regression; nothing otherwise."""
+    accuracy of kernel regression and the alignment on the held-out points alone; nothing
+    otherwise."""
     metrics = {}
     if probe.y is not None and mode == "trace":
         targets = torch.nn.functional.one_hot(probe.y.to(kernel.device).long()).to(kernel.dtype)
         metrics["entk/kernel_target_alignment"] = kernel_target_alignment(kernel, targets)
         if probe.heldout is not None:
+            heldout = probe.heldout.to(kernel.device)
             metrics["entk/kernel_regression_acc"] = kernel_regression_accuracy(
-                kernel, targets, probe.heldout.to(kernel.device), rtol=rtol
+                kernel, targets, heldout, rtol=rtol
             )
+            if int(heldout.sum()) > 1:
+                metrics["entk/heldout_alignment"] = kernel_target_alignment(
+                    kernel[heldout][:, heldout], targets[heldout]
+                )
     return metrics
 
 
@@ -348,9 +356,9 @@ def tensorboard_layout(accuracy_key: str | None, per_group: bool = False) -> dic
                 "Multiline",
                 [*accuracy, r"entk/[^/]+/kernel_regression_acc$"],
             ],
-            "kernel-target alignment of each group": [
+            "kernel-target alignment of each group, on all and on held-out probe points": [
                 "Multiline",
-                [r"entk/[^/]+/kernel_target_alignment$"],
+                [r"entk/[^/]+/kernel_target_alignment$", r"entk/[^/]+/heldout_alignment$"],
             ],
             "top eigenvalue of each group": ["Multiline", [r"entk/[^/]+/eigenvalue/top1$"]],
             "cliffs found in each group": ["Multiline", [r"entk/[^/]+/num_cliffs$"]],
@@ -368,9 +376,13 @@ def tensorboard_layout(accuracy_key: str | None, per_group: bool = False) -> dic
             ],
             "cliff ranks (eigenvalues above each cliff)": ["Multiline", [r"entk/cliff_rank/\d+$"]],
             "top eigenvalues": ["Multiline", [r"entk/eigenvalue/top\d+$"]],
-            "kernel-target alignment and kernel velocity": [
+            "kernel-target alignment (all and held-out probe points) and kernel velocity": [
                 "Multiline",
-                [r"entk/kernel_target_alignment$", r"entk/kernel_velocity$"],
+                [
+                    r"entk/kernel_target_alignment$",
+                    r"entk/heldout_alignment$",
+                    r"entk/kernel_velocity$",
+                ],
             ],
         },
         **(groups if per_group else {}),

@@ -64,6 +64,31 @@ def test_regression_lead_silent_without_kernel_regression():
     assert kinds(detector, [record(e, val_acc=0.0) for e in range(5)]) == []
 
 
+def test_alignment_rise_names_the_readout_group_and_ignores_the_others():
+    """The last group in the metrics (the model's last parameters) is the readout: an
+    embedding whose alignment triples by epoch 100 raises nothing."""
+    detector = EarlyWarning(alignment_factor=2.0)
+    key = "entk/{}heldout_alignment".format
+    history = [
+        record(0, **{key(""): 0.05, key("embed/"): 0.02, key("unembed/"): 0.04}),
+        record(100, **{key(""): 0.06, key("embed/"): 0.05, key("unembed/"): 0.07}),
+        record(200, **{key(""): 0.09, key("embed/"): 0.06, key("unembed/"): 0.084}),
+        record(300, **{key(""): 0.2, key("embed/"): 0.2, key("unembed/"): 0.2}),
+    ]
+    raised = [t for r in history for t in detector.update(r)]
+    assert [(t.epoch, t.kind, t.group) for t in raised] == [(200, "alignment_rise", "unembed")]
+    assert raised[0].evidence["ratio"] == pytest.approx(2.1)
+    assert "alignment_rise of group 'unembed'" in raised[0].describe()
+
+
+def test_alignment_rise_of_the_whole_kernel_has_no_group():
+    detector = EarlyWarning()
+    alignments = [0.1, 0.19, 0.25]
+    history = [record(e, **{"entk/heldout_alignment": a}) for e, a in enumerate(alignments)]
+    raised = [t for r in history for t in detector.update(r)]
+    assert [(t.epoch, t.group) for t in raised] == [(2, None)]
+
+
 def test_new_cliff_must_persist_and_be_new():
     detector = EarlyWarning(persistence=2, rank_tolerance=2)
     ranks = [(57,), (57,), (57, 113), (57, 112), (57,), (58, 113), (57, 114), (57, 113)]
@@ -108,6 +133,7 @@ def test_state_round_trip_continues_where_it_left_off():
         ({"warmup": 1.5}, "warmup"),
         ({"rank_tolerance": -1}, "rank_tolerance"),
         ({"velocity_factor": 1.0}, "velocity_factor"),
+        ({"alignment_factor": 0.5}, "alignment_factor"),
     ],
 )
 def test_invalid_arguments_raise(kwargs, match):
