@@ -9,16 +9,19 @@ from lightning_entk.cliffs import Cliff, find_cliffs
 from lightning_entk.early_warning import EarlyWarning, PhaseTransition
 from lightning_entk.kernel import NTKMethod, empirical_ntk, ntk_plan
 from lightning_entk.probe import ProbeSet
+from lightning_entk.schedule import FixedCadence, TimeBudget
 from lightning_entk.spectrum import Spectrum, ntk_spectrum
 
 __all__ = [
     "Cliff",
     "ENTKMonitor",
     "EarlyWarning",
+    "FixedCadence",
     "NTKMethod",
     "PhaseTransition",
     "ProbeSet",
     "Spectrum",
+    "TimeBudget",
     "empirical_ntk",
     "feature_alignment",
     "find_cliffs",

@@ -309,6 +309,8 @@ class ENTKMonitor(Callback):
         self.transitions = [PhaseTransition(**t) for t in state_dict["transitions"]]
         self.early_warning.load_state_dict(state_dict["early_warning"])
         self.schedule.load_state_dict(state_dict.get("schedule", {}))
+        if isinstance(self.schedule, TimeBudget):  # another process's clock: count afresh
+            self.schedule.restart_clock()
         if state_dict["probe"] is not None:
             self.probe = ProbeSet(**state_dict["probe"])
         self._previous_kernel = state_dict["previous_kernel"]

@@ -203,6 +203,11 @@ class TimeBudget:
     def load_state_dict(self, state: dict) -> None:
         self._state = {**self._fresh_state(), **state}
 
+    def restart_clock(self) -> None:
+        """Count seconds afresh (after a resume in a new process): the budget's account is
+        closed, the gap, the costs and the next step are kept."""
+        self._state.update(started=None, spent=0.0, monitor=0.0)
+
 
 def moving_signals(metrics: Mapping[str, float]) -> dict[str, float]:
     """The scalars whose change sets :class:`TimeBudget`'s gap, of the whole kernel and of

@@ -97,6 +97,10 @@ def test_time_budget_state_round_trip_continues_the_same_schedule():
     b = TimeBudget()
     b.load_state_dict(a.state_dict())
     assert b.next_step == a.next_step and b.state_dict() == a.state_dict()
+    b.restart_clock()  # resumed in a new process: the account starts afresh
+    assert b.next_step == a.next_step and b.trained(now=123.0) == 0.0
+    b.start(now=100.0)
+    assert b.trained(now=101.0) == 1.0
 
 
 def test_fixed_cadence_by_epochs_and_by_steps():
