@@ -121,6 +121,19 @@ def fourier_features(p: int, family: str) -> Tensor:
     return _fourier_columns(_family_values(a, b, family), p, torch.float64)
 
 
+def _swap_grouped_split(p: int, n_train: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Sorted training and validation rows of :meth:`ModularArithmeticDataModule.grid` with
+    ``(a, b)`` and ``(b, a)`` on the same side: the unordered pairs in a seeded order, training
+    taking the first of them whose ordered pairs number at most ``n_train``."""
+    a, b = grid_pairs(p)
+    keys = torch.minimum(a, b) * p + torch.maximum(a, b)  # one per unordered pair
+    unique = keys.unique()
+    shuffled = unique[torch.randperm(len(unique), generator=generator)]
+    sizes = torch.where(shuffled // p == shuffled % p, 1, 2)
+    train = torch.isin(keys, shuffled[sizes.cumsum(0) <= n_train])
+    return train.nonzero().flatten(), (~train).nonzero().flatten()
+
+
 class ModularArithmeticDataModule(L.LightningDataModule):
     """All ``p^2`` pairs ``(a, b)`` with label ``(a + b) mod p``, split at random into training
     and held-out validation points; full-batch loaders by default.
@@ -135,6 +148,11 @@ class ModularArithmeticDataModule(L.LightningDataModule):
             keep at least one pair. The paper's 0.7.
         seed: seed of the random split.
         batch_size: points per batch; ``None`` (the paper's full batch) for the whole split.
+        group_swaps: split unordered pairs, so that ``(a, b)`` and ``(b, a)`` fall on the same
+            side: then no held-out pair can be answered from its trained swap by
+            commutativity, and validation accuracy measures the addition itself. The training
+            split is then the first unordered pairs, in the seeded order, that fit
+            ``train_fraction`` of the ``p^2`` pairs.
 
     Raises:
         ValueError: for an argument out of range.
@@ -154,6 +172,7 @@ class ModularArithmeticDataModule(L.LightningDataModule):
         train_fraction: float = 0.7,
         seed: int = 0,
         batch_size: int | None = None,
+        group_swaps: bool = False,
     ) -> None:
         super().__init__()
         _check_int("p", p, 2)
@@ -174,9 +193,18 @@ class ModularArithmeticDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.p = p
         self.batch_size = batch_size
-        order = torch.randperm(p * p, generator=torch.Generator().manual_seed(seed))
-        self.train_indices: Tensor = order[:n_train].sort().values
-        self.val_indices: Tensor = order[n_train:].sort().values
+        generator = torch.Generator().manual_seed(seed)
+        if group_swaps:
+            self.train_indices, self.val_indices = _swap_grouped_split(p, n_train, generator)
+            if len(self.train_indices) == 0:
+                raise ValueError(
+                    f"`train_fraction` must leave room for one unordered pair in training with "
+                    f"`group_swaps`, got {train_fraction!r}."
+                )
+        else:
+            order = torch.randperm(p * p, generator=generator)
+            self.train_indices: Tensor = order[:n_train].sort().values
+            self.val_indices: Tensor = order[n_train:].sort().values
         x, y = self.grid()
         self.train_set = TensorDataset(x[self.train_indices], y[self.train_indices])
         self.val_set = TensorDataset(x[self.val_indices], y[self.val_indices])

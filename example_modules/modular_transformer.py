@@ -111,6 +111,9 @@ class ModularTransformerDataModule(ModularArithmeticDataModule):
         batch_size: training points per batch; ``None`` for the whole split (full batch). The
             paper's 64.
         seed: seed of the random split.
+        group_swaps: keep ``(a, b)`` and ``(b, a)`` on the same side of the split (see
+            :class:`~example_modules.modular_arithmetic.ModularArithmeticDataModule`): no
+            held-out pair's swap is trained, so ``val_acc`` measures the addition itself.
 
     Raises:
         ValueError: for an argument out of range.
@@ -130,8 +133,15 @@ class ModularTransformerDataModule(ModularArithmeticDataModule):
         train_fraction: float = 0.5,
         batch_size: int | None = 64,
         seed: int = 0,
+        group_swaps: bool = False,
     ) -> None:
-        super().__init__(p=p, train_fraction=train_fraction, seed=seed, batch_size=batch_size)
+        super().__init__(
+            p=p,
+            train_fraction=train_fraction,
+            seed=seed,
+            batch_size=batch_size,
+            group_swaps=group_swaps,
+        )
         x, y = self.grid()
         a, b = grid_pairs(p)
         trained = torch.zeros(p * p, dtype=torch.bool)

@@ -12,6 +12,7 @@ from example_modules.modular_arithmetic import (
     ModularArithmeticDataModule,
     ModularArithmeticMLP,
     fourier_features,
+    grid_pairs,
 )
 from lightning_entk import empirical_ntk
 
@@ -236,3 +237,18 @@ def test_mlp_groks_with_paper_setup():
     trainer = quick_trainer(max_epochs=300)
     trainer.fit(ModularArithmeticMLP(), datamodule=ModularArithmeticDataModule())
     assert trainer.callback_metrics["val_acc"] >= 0.95
+
+
+@pytest.mark.parametrize("p", [5, 8])
+def test_datamodule_group_swaps_keeps_each_pair_with_its_swap(p):
+    data = ModularArithmeticDataModule(p=p, train_fraction=0.4, seed=3, group_swaps=True)
+    a, b = grid_pairs(p)
+    trained = torch.zeros(p * p, dtype=torch.bool)
+    trained[data.train_indices] = True
+    assert torch.equal(trained, trained[b * p + a])  # (a, b) and (b, a) on one side
+    assert torch.equal(
+        torch.cat([data.train_indices, data.val_indices]).sort().values, torch.arange(p * p)
+    )
+    assert round(0.4 * p * p) - 1 <= len(data.train_indices) <= round(0.4 * p * p)
+    other = ModularArithmeticDataModule(p=p, train_fraction=0.4, seed=4, group_swaps=True)
+    assert not torch.equal(other.train_indices, data.train_indices)  # seeded

@@ -114,6 +114,11 @@ def test_datamodule_flags_held_out_pairs_whose_swap_is_trained():
     assert 0 < swap_trained.sum() < len(swap_trained)
 
 
+def test_datamodule_group_swaps_leaves_no_held_out_pair_with_a_trained_swap():
+    data = ModularTransformerDataModule(p=11, seed=4, train_fraction=0.3, group_swaps=True)
+    assert not data.val_set.tensors[2].any()
+
+
 def test_datamodule_full_batch_training():
     data = ModularTransformerDataModule(p=7, batch_size=None)
     (batch,) = list(data.train_dataloader())
