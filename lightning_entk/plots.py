@@ -184,11 +184,15 @@ def _label_cliff(ax: Axes, x: float, before: float, after: float, cliff) -> None
 
 
 def _cell_edges(centres: np.ndarray) -> np.ndarray:
-    """Edges of cells centred on sorted ``centres``: the midpoints, extended at both ends."""
+    """Edges of cells around sorted ``centres``: the midpoints, and at both ends half the next
+    gap but at most 2% of the span, so that a sparse schedule's last evaluation does not draw
+    the axis far past the end of training."""
     if len(centres) == 1:
         return np.array([centres[0] - 0.5, centres[0] + 0.5])
     mid = (centres[:-1] + centres[1:]) / 2
-    return np.concatenate([[2 * centres[0] - mid[0]], mid, [2 * centres[-1] - mid[-1]]])
+    most = 0.02 * (centres[-1] - centres[0])
+    first, last = min(mid[0] - centres[0], most), min(centres[-1] - mid[-1], most)
+    return np.concatenate([[centres[0] - first], mid, [centres[-1] + last]])
 
 
 def _accuracy_series(accuracy, accuracy_label: str, length: int) -> dict[str, np.ndarray]:
