@@ -294,7 +294,13 @@ def test_monitor_logs_each_parameter_group_beside_the_whole_model(tmp_path):
     events.Reload()
     scalars = set(events.Tags()["scalars"])
     for group in ("hidden", "head", "other"):  # "other": the BatchNorm parameters
-        for key in ("kernel_regression_acc", "kernel_target_alignment", "eigenvalue/top1"):
+        for key in (
+            "kernel_regression_acc",
+            "kernel_target_alignment",
+            "heldout_alignment",
+            "eigenvalue/top1",
+            "num_cliffs",
+        ):
             assert f"entk/{group}/{key}" in scalars
     assert "entk/kernel_regression_acc" in scalars  # the whole model's, where it always was
     for record in monitor.history:  # the groups' kernels sum to the whole kernel
