@@ -193,10 +193,10 @@ class EarlyWarning:
         whose held-out alignment has risen most, by at least ``alignment_factor``, and the
         evidence."""
         starts = self._state["alignment_start"]
-        keys = [k for k in record.metrics if k.endswith("/heldout_alignment")]
-        groups = [k for k in keys if k != "entk/heldout_alignment"]
+        whole = "entk/heldout_alignment"
+        groups = [k for k in record.metrics if k.endswith("/heldout_alignment") and k != whole]
         risen = []
-        for key in [k for k in keys if k == "entk/heldout_alignment"] + groups[-1:]:
+        for key in [k for k in (whole,) if k in record.metrics] + groups[-1:]:
             value = record.metrics[key]
             start = starts.setdefault(key, value)
             if start > 0 and value >= self.alignment_factor * start:

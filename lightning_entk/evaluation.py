@@ -190,8 +190,7 @@ def evaluate(
             parts, kernel = kernel, sum(kernel.values())
     if not torch.isfinite(kernel).all():
         raise FloatingPointError("the eNTK has NaN or inf entries (diverging weights?)")
-    dtype = compute_dtype(model)
-    dtype = dtype if dtype in ROUND_OFF_RTOL else torch.float32
+    dtype = compute_dtype(model)  # float32 or float64
     kernel = kernel.to(dtype)
     need_vectors = bool(features) or keep_eigenvectors
     rtol = ROUND_OFF_RTOL[dtype]

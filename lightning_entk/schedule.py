@@ -153,7 +153,7 @@ class TimeBudget:
         state = self._state
         if not state["costs"]:
             return True
-        cost = statistics.median(state["costs"][-3:])
+        cost = self._cost()
         trained = self.trained(now)
         burst = self.burst if state["moving"] else 0
         short = state["spent"] + cost - self.max_overhead * trained - burst * cost
@@ -191,11 +191,15 @@ class TimeBudget:
         if not first and trained > 0 and step > 0:
             # The even pace the budget affords; quiet stretches wait at most QUIET_PACE times
             # as long (saving for where the signals move), so no transition is slept through.
-            pace = statistics.median(state["costs"][-3:]) / (self.max_overhead * trained / step)
+            pace = self._cost() / (self.max_overhead * trained / step)
             state["gap"] = min(state["gap"], max(QUIET_PACE * pace, 1.0))
         state["signals"] = signals
         state["last_step"] = step
         state["next_step"] = step + round(state["gap"])
+
+    def _cost(self) -> float:
+        """The next evaluation's expected seconds: the median of the last three."""
+        return statistics.median(self._state["costs"][-3:])
 
     def state_dict(self) -> dict:
         return {**self._state, "costs": list(self._state["costs"])}
