@@ -49,6 +49,7 @@ from lightning_entk.probe import (
 from lightning_entk.schedule import FixedCadence, TimeBudget
 
 DEFAULT_MEMORY_BUDGET = 2 * 2**30  # bytes for everything one evaluation allocates
+DEFAULT_MAX_OVERHEAD = 0.2  # the time budget when no fixed cadence is set
 SUMMARY_FILENAME = "entk_summary.png"
 PROGRESS_BAR_KEYS = ("entk/num_cliffs", "entk/kernel_regression_acc")
 
@@ -70,11 +71,12 @@ class ENTKMonitor(Callback):
     evolution figure is saved as ``entk_summary.png`` in the logger's directory (with no logger,
     draw it with :meth:`summary_figure`).
 
-    When: at a fixed cadence (``every_n_epochs``, ``every_n_train_steps``), or within a time
-    budget (``max_overhead``, :class:`~lightning_entk.schedule.TimeBudget`): the monitor's wall
-    time stays near ``max_overhead`` times the training's, and evaluations come denser where
-    the kernel and its signals move and sparser on quiet stretches. The kernel at
-    initialization and at the end of fit are always evaluated. Each evaluation logs where its
+    When: by default within a time budget (``max_overhead``, 20%;
+    :class:`~lightning_entk.schedule.TimeBudget`): the monitor's wall time stays near
+    ``max_overhead`` times the training's, and evaluations come denser where the kernel and its
+    signals move and sparser on quiet stretches. Or at a fixed cadence, when one is set
+    (``every_n_epochs``, ``every_n_train_steps``). The kernel at initialization and at the end
+    of fit are always evaluated. Each evaluation logs where its
     time went (``entk/seconds/...``).
 
     The training run is never changed: the kernel is computed on detached copies of the
@@ -86,14 +88,17 @@ class ENTKMonitor(Callback):
             :class:`~lightning_entk.probe.ProbeSet`, a ``Dataset`` or a ``DataLoader``. ``None``
             draws up to ``max_probe_points`` from the training and validation data (validation
             points held out for kernel regression), once, fixed for the whole run.
-        every_n_epochs: evaluate at the end of every n-th training epoch (``None``: never).
-        every_n_train_steps: evaluate after every n-th optimizer step (``None``: never).
+        every_n_epochs: evaluate at the end of every n-th training epoch, instead of within
+            the time budget (``None``: not by epochs).
+        every_n_train_steps: evaluate after every n-th optimizer step, instead of within the
+            time budget (``None``: not by steps).
         mode: ``"trace"`` (N x N, the *sum* over outputs) or ``"flatten"`` (C*N x C*N).
-        max_overhead: instead of the fixed cadence, a time budget: the monitor's wall time as
-            a share of the training's (0.2: about 20% on top of training), spent where the
-            kernel moves. On a model whose training step is cheap beside one evaluation (the
-            bundled modular MLP: one evaluation costs ~8 of its epochs), a small budget affords
-            few evaluations and the early warning comes late (see the README).
+        max_overhead: the time budget: the monitor's wall time as a share of the training's
+            (``None``: 0.2, about 20% on top of training, unless a fixed cadence is set),
+            spent where the kernel moves. On a model whose training step is cheap beside one
+            evaluation (the bundled modular MLP: one evaluation costs ~8 of its epochs), the
+            budget affords few evaluations and the early warning comes late; set a cadence
+            there (the demos do; see the README).
         max_probe_points: cap on the points drawn when ``probe`` is ``None``.
         params, output_fn, output_weights, forward_fn, method: as in
             :func:`~lightning_entk.empirical_ntk` (``forward_fn(model, points) -> (N, C)`` for
@@ -135,7 +140,7 @@ class ENTKMonitor(Callback):
     def __init__(
         self,
         probe: object = None,
-        every_n_epochs: int | None = 1,
+        every_n_epochs: int | None = None,
         every_n_train_steps: int | None = None,
         mode: str = "trace",
         *,
@@ -185,14 +190,16 @@ class ENTKMonitor(Callback):
             raise ValueError(
                 f"`on_transition` must be callable, got {type(on_transition).__name__}."
             )
-        if max_overhead is None and every_n_epochs is None and every_n_train_steps is None:
+        cadence = every_n_epochs is not None or every_n_train_steps is not None
+        if cadence and max_overhead is not None:
             raise ValueError(
-                "Set `every_n_epochs`, `every_n_train_steps` or `max_overhead`; all are None."
+                "Set either a fixed cadence (`every_n_epochs`, `every_n_train_steps`) or a time "
+                f"budget (`max_overhead`), not both; got max_overhead={max_overhead!r}."
             )
         self.schedule = (
             FixedCadence(every_n_epochs, every_n_train_steps)
-            if max_overhead is None
-            else TimeBudget(max_overhead)
+            if cadence
+            else TimeBudget(DEFAULT_MAX_OVERHEAD if max_overhead is None else max_overhead)
         )
         self._probe_argument = None if probe is None else as_probe_set(probe, max_probe_points)
         self.mode = mode
@@ -224,7 +231,7 @@ class ENTKMonitor(Callback):
         self._last_result: Evaluation | None = None  # rank 0's last evaluation
         self._summary = None  # (history and transitions it shows, the summary figure)
         self._train_began: float | None = None
-        self.monitor_seconds = 0.0  # wall time of the evaluations (images and logging included)
+        self.monitor_seconds = 0.0  # wall time of the evaluations, images, logging and summary
         self.training_seconds: float | None = None  # of training alone, set at its end
         self.summary_path: Path | None = None
 
@@ -285,6 +292,7 @@ class ENTKMonitor(Callback):
         log_dir = _log_dir(trainer)
         if not trainer.is_global_zero or not self.history or log_dir is None:
             return  # without a logger: `summary_figure()` draws it on demand
+        began = time.perf_counter()
         try:
             path = Path(log_dir) / SUMMARY_FILENAME
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -293,6 +301,7 @@ class ENTKMonitor(Callback):
             rank_zero_info(f"ENTKMonitor: summary figure saved to {path}")
         except Exception as err:  # a figure must never fail the run
             rank_zero_warn(f"ENTKMonitor could not save its summary figure: {err!r}")
+        self.monitor_seconds += time.perf_counter() - began
 
     def state_dict(self) -> dict:
         return {

@@ -6,12 +6,12 @@ seconds and the evaluations' ``entk/`` scalars); the callback asks one at each c
 cost. The first evaluation (at initialization) and the last (at the end of fit) are the
 callback's and always happen.
 
-:class:`TimeBudget` (the default) keeps the monitor's wall time near ``max_overhead`` times the
-training's, measured as the run goes, and spends it where the signals move. After each
-evaluation it sets the gap to the next, in optimizer steps, like the step size of an adaptive
-ODE solver: the largest change seen since the last evaluation (the kernel's velocity, or the
-change of kernel regression accuracy or kernel-target alignment, of the whole kernel or of a
-parameter group's) against ``tolerance``:
+:class:`TimeBudget` (the monitor's default) keeps the monitor's wall time near
+``max_overhead`` times the training's, measured as the run goes, and spends it where the
+signals move. After each evaluation it sets the gap to the next, in optimizer steps, like the
+step size of an adaptive ODE solver: the largest change seen since the last evaluation (the
+kernel's velocity, or the change of kernel regression accuracy or kernel-target alignment, of
+the whole kernel or of a parameter group's) against ``tolerance``:
 
     gap <- max(steps since the last evaluation * min(tolerance / change, 2), 1)
 
@@ -21,14 +21,16 @@ and doubles on quiet stretches, up to ``QUIET_PACE`` times the even pace the bud
 stretch leaves unspent pays for dense evaluations where the signals move, and no stretch is
 slept through. When an evaluation falls due, it is made if the budget allows it:
 
-    spent + cost <= max_overhead * trained + burst * cost
+    spent + cost + cost <= max_overhead * trained + burst * cost
 
-``spent``: the monitor's seconds so far, but the first evaluation's; ``trained``: training
+``spent``: the monitor's seconds so far, the first evaluation's included; ``trained``: training
 seconds so far (wall time outside the monitor); ``cost``: the median of the last three
-evaluations. While the last change exceeded ``tolerance``, ``burst`` evaluations may be spent
-ahead of the budget (none otherwise), to be paid back on quiet stretches. When the budget does
-not allow it, the evaluation waits for the step at which, at the training speed measured so
-far, it will (asking again before then: the first steps' speed is a poor guide to the rest).
+evaluations, counted twice: this one, and the one at the end of fit, which is always made and
+so is set aside from the start. While the last change exceeded ``tolerance``, ``burst``
+evaluations may be spent ahead of the budget (none otherwise), to be paid back on quiet
+stretches. When the budget does not allow it, the evaluation waits for the step at which, at
+the training speed measured so far, it will (asking again before then: the first steps' speed
+is a poor guide to the rest).
 Under several processes, rank 0 decides and the decision is shared, so that every rank
 evaluates at the same steps.
 """
@@ -93,12 +95,12 @@ class TimeBudget:
     Example:
         >>> budget = TimeBudget(max_overhead=0.2)
         >>> budget.start(now=0.0)
-        >>> budget.record(step=0, began=0.0, ended=1.0, metrics={})  # at initialization: free
+        >>> budget.record(step=0, began=0.0, ended=1.0, metrics={})  # at initialization
         >>> budget.next_step
         1
-        >>> budget.allows(step=1, now=1.5)  # 0.5 s trained: 20% of it pays no 1 s evaluation
+        >>> budget.allows(step=1, now=6.0)  # 5 s trained: 20% of it pays no three evaluations
         False
-        >>> budget.allows(step=50, now=6.0)  # 5 s trained: 20% of it does
+        >>> budget.allows(step=50, now=16.0)  # 15 s: the first, this one, the one at the end
         True
     """
 
@@ -119,7 +121,7 @@ class TimeBudget:
     def _fresh_state() -> dict:
         return {
             "started": None,  # clock at the start of training
-            "spent": 0.0,  # the monitor's seconds, the first evaluation's left out
+            "spent": 0.0,  # the monitor's seconds, every evaluation's and extra work's
             "monitor": 0.0,  # the monitor's seconds, all of them
             "costs": [],  # seconds of each evaluation
             "gap": 1.0,  # steps to the next evaluation, before the budget
@@ -156,7 +158,8 @@ class TimeBudget:
         cost = self._cost()
         trained = self.trained(now)
         burst = self.burst if state["moving"] else 0
-        short = state["spent"] + cost - self.max_overhead * trained - burst * cost
+        reserve = cost  # for the evaluation at the end of fit
+        short = state["spent"] + cost + reserve - self.max_overhead * trained - burst * cost
         if short <= 0:
             return True
         per_step = trained / max(step, 1)
@@ -167,7 +170,7 @@ class TimeBudget:
 
     def affords(self, seconds: float, now: float) -> bool:
         """Whether ``seconds`` more of monitor work (drawing images, part of the evaluation
-        that pays for it) fit the budget, burst left aside."""
+        that pays for it) fit the budget, burst and reserve left aside."""
         spent = self._state["spent"] + seconds
         return spent <= self.max_overhead * self.trained(now)
 
@@ -178,8 +181,7 @@ class TimeBudget:
         seconds = max(ended - began, 0.0)
         first = state["last_step"] is None
         state["monitor"] += seconds
-        if not first:
-            state["spent"] += seconds
+        state["spent"] += seconds
         state["costs"].append(seconds)
         signals = moving_signals(metrics)
         change = signal_change(state["signals"], signals)

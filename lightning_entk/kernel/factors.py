@@ -69,21 +69,22 @@ def separable(g: Tensor) -> tuple[Tensor, Tensor] | None:
     ``d[n, k] d[m, k] |A[:, k]|^2``, C times fewer flops.
     """
     rows, c, width = g.shape
+    columns = torch.arange(width, device=g.device)
     # Along a fixed generic direction of the outputs, a rank-one column is d[:, k] times a
     # number (nonzero but by accident, when the check below fails): its largest row there is
-    # a row where the column is nonzero.
+    # a row where the column is nonzero, and that row's largest output an output where it is.
     generic = torch.cos(torch.arange(c, dtype=g.dtype, device=g.device) * 1.618 + 0.5)
     pivots = (generic @ g).abs().argmax(0)
-    a = g[pivots, :, torch.arange(width, device=g.device)].T  # (C, K)
-    norms = a.square().sum(0)
-    norms = torch.where(norms > 0, norms, 1)
-    d = torch.empty(rows, width, dtype=g.dtype, device=g.device)
+    a = g[pivots, :, columns].T  # (C, K)
+    top = a.abs().argmax(0)
+    scale = a[top, columns]
+    a = a / torch.where(scale != 0, scale, 1)
+    d = torch.gather(g, 1, top.expand(rows, 1, width)).squeeze(1)  # (R, K)
     squared = g.new_zeros(())
-    step = max(1, 2**18 // (c * width))
-    for lo in range(0, rows, step):  # row blocks: no temporary of g's size, whose
-        block = g[lo : lo + step]  # allocation would cost more than the whole check
-        d[lo : lo + step] = (block * a).sum(1) / norms
-        squared += torch.addcmul(block, d[lo : lo + step, None], a, value=-1).square().sum()
+    step = max(1, 2**20 // (c * width))
+    for lo in range(0, rows, step):  # row blocks: no temporary of g's size
+        residual = torch.addcmul(g[lo : lo + step], d[lo : lo + step, None], a, value=-1)
+        squared += torch.linalg.vecdot(residual.reshape(-1), residual.reshape(-1))
     if squared.sqrt() > 32 * torch.finfo(g.dtype).eps * torch.linalg.vector_norm(g):
         return None
     return d, a
