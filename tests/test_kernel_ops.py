@@ -389,3 +389,26 @@ def test_empirical_ntk_last_hidden_layer_through_separable_gram_matches_brute_fo
         expected = brute_force_ntk(model, x1, second, mode=mode)
         torch.testing.assert_close(empirical_ntk(model, x1, second, mode=mode), expected)
     assert (True in found) == (mode == "trace")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", ["gpt2_conv1d", "encoder_first", "hf_style_dict"])
+def test_empirical_ntk_in_row_blocks_within_a_small_budget_matches_brute_force(
+    name, mode, monkeypatch
+):
+    """Sequence models: the Grams over all pairs of positions, formed a few points at a time
+    when they would pass the budget's scratch share, give the same kernel."""
+    model, x1, x2 = build(name)
+    blocks = []
+    restrict = factors.FactorBlock.points
+
+    def spy(block, lo, hi):
+        blocks.append(hi - lo)
+        return restrict(block, lo, hi)
+
+    monkeypatch.setattr(factors.FactorBlock, "points", spy)
+    for second in (None, x2):
+        expected = brute_force_ntk(model, x1, second, mode=mode)
+        actual = empirical_ntk(model, x1, second, mode=mode, memory_budget=2**14)
+        assert_relative_close(actual, expected, RTOL)
+    assert blocks and min(blocks) < num_points(x1)

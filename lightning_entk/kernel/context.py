@@ -677,6 +677,9 @@ class NTKContext:
         else:
             c = self.num_outputs()
         blocks, owners = self._assemble(uses, parts, n, c)
+        for block in blocks:  # the capture's share of the budget, free again by now
+            if isinstance(block, FactorBlock):
+                block.scratch_bytes = self.memory_budget // 4
         group = self.group_of or dict.fromkeys(self.names, "")
         generic = [m for m in self.names if m in structure.generic]
         for key in dict.fromkeys(group[m] for m in generic):  # one block per group

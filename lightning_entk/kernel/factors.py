@@ -111,6 +111,7 @@ class FactorBlock:
     a: Tensor | None = None  # (N, T, H, A); None with tokens, or for a shift (A = 1)
     tokens: Tensor | None = None  # (N, T) ids, one-hot over A; negative ids contribute nothing
     inputs: int = 1  # A
+    scratch_bytes: int | None = None  # bound on the temporaries of :meth:`kernel`
 
     @property
     def size(self) -> int:
@@ -166,9 +167,42 @@ class FactorBlock:
             return jac[:, : self.inputs].permute(0, 2, 3, 4, 1).reshape(n, c, -1)
         return torch.einsum("ntchb,ntha->nchba", self.g, self._a()).reshape(n, c, -1)
 
+    def points(self, lo: int, hi: int) -> FactorBlock:
+        """The block restricted to points ``lo:hi`` (views, no copy)."""
+        a, tokens = self.a, self.tokens
+        return FactorBlock(
+            self.g[lo:hi], None if a is None else a[lo:hi],
+            None if tokens is None else tokens[lo:hi], self.inputs,
+        )  # fmt: skip
+
     def kernel(self, other: FactorBlock, mode: str) -> Tensor:
         """This block's share of the kernel, in ``full`` (N1, N2, C, C), ``trace`` (N1, N2)
-        or ``diagonal`` (N1, N2, C) layout."""
+        or ``diagonal`` (N1, N2, C) layout. When the Grams over all pairs of positions would
+        pass ``scratch_bytes``, they are formed for blocks of this block's points at a time
+        (against the points from the block's own on, mirrored, when ``other`` is ``self``)."""
+        n1, t1, c, h, _ = self.g.shape
+        n2, t2 = other.g.shape[:2]
+        paired = {"trace": 1, "diagonal": c}.get(mode, c * c)
+        per_point = h * t1 * n2 * t2 * (2 + paired) * self.g.element_size()
+        rows = n1 if self.scratch_bytes is None else max(1, self.scratch_bytes // per_point)
+        if rows >= n1 or self._materialize_cheaper(other, mode):
+            return self._kernel(other, mode)
+        symmetric = other is self
+        out = None
+        for lo in range(0, n1, rows):
+            hi = min(lo + rows, n1)
+            part = self.points(lo, hi)._kernel(self.points(lo, n1) if symmetric else other, mode)
+            if out is None:
+                out = part.new_empty(n1, n2, *part.shape[2:])
+            if symmetric:  # K[m, n] = K[n, m], the outputs' pair swapped in full mode
+                mirrored = part[:, hi - lo :].transpose(0, 1)
+                out[lo:hi, lo:] = part
+                out[hi:, lo:hi] = mirrored.transpose(-1, -2) if mode == "full" else mirrored
+            else:
+                out[lo:hi] = part
+        return out
+
+    def _kernel(self, other: FactorBlock, mode: str) -> Tensor:
         symmetric = other is self
         if self._materialize_cheaper(other, mode):
             mine = self.materialized()
