@@ -76,8 +76,8 @@ class ENTKMonitor(Callback):
     ``max_overhead`` times the training's, and evaluations come denser where the kernel and its
     signals move and sparser on quiet stretches. Or at a fixed cadence, when one is set
     (``every_n_epochs``, ``every_n_train_steps``). The kernel at initialization and at the end
-    of fit are always evaluated. Each evaluation logs where its
-    time went (``entk/seconds/...``).
+    of fit are always evaluated. Each evaluation logs where its time went
+    (``entk/seconds/...``).
 
     The training run is never changed: the kernel is computed on detached copies of the
     parameters in eval mode without autocast, RNG states are restored, and an evaluation that

@@ -56,8 +56,6 @@ class FixedCadence:
         (True, False)
     """
 
-    adaptive = False
-
     def __init__(self, every_n_epochs: int | None = None, every_n_train_steps: int | None = None):
         self.every_n_epochs = every_n_epochs
         self.every_n_train_steps = every_n_train_steps
@@ -103,8 +101,6 @@ class TimeBudget:
         >>> budget.allows(step=50, now=16.0)  # 15 s: the first, this one, the one at the end
         True
     """
-
-    adaptive = True
 
     def __init__(self, max_overhead: float = 0.2, tolerance: float = 0.02, burst: int = 4):
         for name, value in (("max_overhead", max_overhead), ("tolerance", tolerance)):
