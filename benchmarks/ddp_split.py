@@ -44,6 +44,7 @@ from lightning_entk import ENTKMonitor, empirical_ntk
 
 EPOCHS = 6
 PROBE_POINTS = {"trace": 841, "flatten": 150}
+DATA = {"p": 29, "train_fraction": 0.5, "batch_size": 64}  # the paper's notebook setup
 
 
 class ReleaseProcessGroupAtExit(Callback):
@@ -73,6 +74,7 @@ def evaluation_seconds(devices: int, mode: str, widths: dict) -> list[float]:
                     every_n_epochs=1,
                     mode=mode,
                     max_probe_points=PROBE_POINTS[mode],
+                    groups=None,  # one process logs groups, several do not: compare like
                     log_images=False,
                 ),
                 ReleaseProcessGroupAtExit(),
@@ -84,7 +86,8 @@ def evaluation_seconds(devices: int, mode: str, widths: dict) -> list[float]:
         )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            trainer.fit(ModularTransformer(**widths), datamodule=ModularTransformerDataModule())
+            data = ModularTransformerDataModule(**DATA)
+            trainer.fit(ModularTransformer(**widths), datamodule=data)
         rows = csv.DictReader((Path(log_dir) / "run" / "version_0" / "metrics.csv").open())
         return [float(r["entk/seconds"]) for r in rows if r.get("entk/seconds")]
 
@@ -96,7 +99,7 @@ def kernel_part_seconds(world: int, mode: str, widths: dict, repeats: int = 3) -
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = ModularTransformer(**widths)
-    x, _ = ModularTransformerDataModule().grid()
+    x, _ = ModularTransformerDataModule(**DATA).grid()
     x = x[: PROBE_POINTS[mode]]
     if mode == "trace":
         columns = torch.eye(model.p).tensor_split(world, dim=1)[0]
@@ -118,7 +121,7 @@ def main() -> None:
     parser.add_argument("--d-model", type=int, default=64)
     parser.add_argument("--d-mlp", type=int, default=256)
     args = parser.parse_args()
-    mode, widths = args.mode, {"d_model": args.d_model, "d_mlp": args.d_mlp}
+    mode, widths = args.mode, {"p": DATA["p"], "d_model": args.d_model, "d_mlp": args.d_mlp}
     parameters = sum(p.numel() for p in ModularTransformer(**widths).parameters())
     print(f"mode {mode}, {PROBE_POINTS[mode]} probe points, {parameters} parameters")
     print(

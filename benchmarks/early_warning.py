@@ -1,22 +1,30 @@
-"""How early, and how reliably, the monitor warns of grokking.
+"""How early, and how reliably, the monitor warns of grokking, on both bundled models.
 
-Runs a demo for several seeds, and control runs with a smaller train fraction that are not
-expected to reach val_acc 0.5 within the same epochs. Per run it prints the first alarm (epoch
-and kind), the epoch at which val_acc first reaches 0.5, the lead (how many epochs the alarm
-came before that), and every alarm of a run whose val_acc never reached 0.5 (a false alarm when
-it is a control). Each run is a fresh process; TensorBoard images are off to save time.
+Per model it runs the demo (every default but the seed) for several seeds, and control runs of
+three kinds that are not expected to generalise within the same epochs:
 
-``--model mlp``: the modular-arithmetic MLP of DESIGN.md section 5 (p=29, every default of
-``python -m example_modules.modular_arithmetic``), controls at train fraction 0.3.
-``--model transformer``: the one-layer transformer (``python -m
-example_modules.modular_transformer``, every default but the seed), controls at train fraction
-0.3; it also prints when the accuracy on held-out pairs whose swap ``(b, a)`` is not trained on
-(``val_acc_swap_unseen``, which commutativity cannot give) first reaches 0.5.
+=================  ==========================================  ===============================
+control            modular MLP (``modular_arithmetic``)        transformer (``modular_transformer``)
+=================  ==========================================  ===============================
+``little data``    train fraction 0.3                          train fraction 0.1
+``shuffled``       training labels permuted                    training labels permuted
+``no decay``       weight decay 0 and train fraction 0.5 (at   weight decay 0
+                   the default 0.7 the MLP groks without it)
+=================  ==========================================  ===============================
 
-    python benchmarks/early_warning.py                 # 5 grokking seeds + 3 controls, ~12 min
-    python benchmarks/early_warning.py --seeds 2 --controls 1
-    python benchmarks/early_warning.py --model transformer --seeds 4 --controls 1 \
-        --max-epochs 3000                              # ~20 min
+Every run gets the same monitor arguments (``--monitor``, none by default: ``ENTKMonitor()``
+with the demo's cadence) and the same detector. Per run it prints the first alarm (epoch,
+signal, parameter group), the epoch at which val_acc (logged every epoch) first reaches 0.5,
+the lead (epochs, and as a fraction of the epochs to val_acc 0.5), the highest and final
+val_acc, and what the monitor cost. A control's alarm is false when its val_acc never reached
+0.5. For the transformer it also prints when the held-out pairs whose swap ``(b, a)`` was not
+trained (``val_acc_swap_unseen``, which commutativity cannot answer) reach 0.5. Each run is a
+fresh process; TensorBoard images are off to save time.
+
+    python benchmarks/early_warning.py --model mlp                  # ~12 min on 2 cores
+    python benchmarks/early_warning.py --model transformer --jobs 2
+    python benchmarks/early_warning.py --seeds 2 --control-seeds 1 \\
+        --monitor=--monitor.max_overhead=0.2       # the time budget instead of a cadence
 """
 
 from __future__ import annotations
@@ -26,27 +34,35 @@ import concurrent.futures
 import contextlib
 import io
 import multiprocessing
+import os
 import tempfile
 import time
 
-GOAL_LEAD = 10  # epochs before val_acc reaches 0.5
-CONTROL_TRAIN_FRACTION = 0.3
-GROKKING_TRAIN_FRACTION = {"mlp": 0.7, "transformer": 0.5}
+GOAL_LEAD = 0.2  # of the epochs to val_acc 0.5
 SWAP_UNSEEN = "val_acc_swap_unseen"
+CONTROLS = {
+    "mlp": {
+        "little data": ("--data.train_fraction=0.3",),
+        "shuffled": ("--data.shuffle_labels=true",),
+        "no decay": ("--model.weight_decay=0", "--data.train_fraction=0.5"),
+    },
+    "transformer": {
+        "little data": ("--data.train_fraction=0.1",),
+        "shuffled": ("--data.shuffle_labels=true",),
+        "no decay": ("--model.weight_decay=0",),
+    },
+}
 
 
 def run_demo(
-    model: str,
-    seed: int,
-    train_fraction: float,
-    log_dir: str,
-    max_epochs: int | None,
-    monitor_args: tuple[str, ...] = (),
+    model: str, label: str, seed: int, run_args: tuple[str, ...], log_dir: str, threads: int
 ) -> dict:
-    """One demo run; returns its alarms, when val_acc (logged every epoch) crossed 0.5, and
-    what the monitor cost."""
+    """One demo run; returns its alarms, when val_acc crossed 0.5, and what the monitor
+    cost."""
+    import torch
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    torch.set_num_threads(threads)
     if model == "mlp":
         from example_modules.modular_arithmetic import main
     else:
@@ -55,16 +71,13 @@ def run_demo(
     args = [
         f"--seed_everything={seed}",
         f"--data.seed={seed}",
-        f"--data.train_fraction={train_fraction}",
         "--monitor.log_images=false",
         "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false",
         f"--trainer.logger.init_args.save_dir={log_dir}",
-        f"--trainer.logger.init_args.version=seed{seed}_fraction{train_fraction}",
+        f"--trainer.logger.init_args.version={model}_{label.replace(' ', '_')}_{seed}",
+        *run_args,
     ]
-    if max_epochs is not None:
-        args.append(f"--trainer.max_epochs={max_epochs}")
-    args += list(monitor_args)
     start = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):  # the demo's own summary
         monitor = main(args)
@@ -79,11 +92,13 @@ def run_demo(
             return None
         return next((int(epochs[e.step]) + 1 for e in events.Scalars(tag) if e.value >= 0.5), None)
 
+    accuracy = [e.value for e in events.Scalars(monitor.accuracy_key)]
     return {
-        "alarms": [(t.epoch, t.kind) for t in monitor.transitions],
+        "alarms": [(t.epoch, t.kind, t.group) for t in monitor.transitions],
         "crossed": first_epoch(monitor.accuracy_key),
         "unseen_crossed": first_epoch(SWAP_UNSEEN),
-        "final_acc": events.Scalars(monitor.accuracy_key)[-1].value,
+        "final_acc": accuracy[-1],
+        "max_acc": max(accuracy),
         "seconds": seconds,
         "evaluations": len(monitor.history),
         "monitor_share": monitor.monitor_seconds / monitor.training_seconds,
@@ -99,62 +114,85 @@ def run_in_fresh_process(*args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=["mlp", "transformer"], default="mlp")
-    parser.add_argument("--seeds", type=int, default=5, help="grokking runs (paper's fraction)")
-    parser.add_argument("--controls", type=int, default=3, help="control runs (fraction 0.3)")
-    parser.add_argument("--max-epochs", type=int, default=None, help="default: the demo's")
+    parser.add_argument("--seeds", type=int, default=5, help="grokking runs")
+    parser.add_argument("--control-seeds", type=int, default=2, help="runs per control kind")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (threads shared)")
     parser.add_argument(
         "--monitor",
         action="append",
         default=[],
-        help="a monitor argument for every run, e.g. --monitor=--monitor.max_overhead=0.5",
+        help="an argument for every run, e.g. --monitor=--monitor.max_overhead=0.5",
     )
     args = parser.parse_args()
 
-    fraction = GROKKING_TRAIN_FRACTION[args.model]
-    runs = [("grok", seed, fraction) for seed in range(args.seeds)]
-    runs += [("control", seed, CONTROL_TRAIN_FRACTION) for seed in range(args.controls)]
+    runs = [("grok", seed, ()) for seed in range(args.seeds)]
+    runs += [
+        (kind, seed, extra)
+        for kind, extra in CONTROLS[args.model].items()
+        for seed in range(args.control_seeds)
+    ]
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    print(f"model: {args.model}; arguments of every run: {' '.join(args.monitor) or 'none'}")
+    with tempfile.TemporaryDirectory() as log_dir:
+        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+            futures = [
+                pool.submit(
+                    run_in_fresh_process,
+                    args.model,
+                    label,
+                    seed,
+                    (*extra, *args.monitor),
+                    log_dir,
+                    threads,
+                )
+                for label, seed, extra in runs
+            ]
+            results = [f.result() for f in futures]
+    print_table(args.model, runs, results)
+
+
+def print_table(model: str, runs: list[tuple], results: list[dict]) -> None:
     header = (
-        f"{'run':<8}{'seed':>5}{'train frac':>11}{'alarm':>7}  {'kind':<24}"
-        f"{'val_acc>=0.5':>13}{'lead':>6}{'final acc':>10}{'time (s)':>9}{'evals':>6}"
+        f"{'run':<12}{'seed':>5}{'alarm':>7}  {'signal (group)':<32}{'val>=0.5':>9}"
+        f"{'lead':>6}{'share':>7}{'max val':>8}{'final':>7}{'time':>6}{'evals':>6}"
         f"{'monitor':>8}  verdict"
     )
-    if args.model == "transformer":
-        header += f"  ({SWAP_UNSEEN} >= 0.5)"
+    if model == "transformer":
+        header += "  (swap-unseen >= 0.5)"
     print(header)
     print("-" * len(header))
-    hits = false_alarms = grokking = 0
-    with tempfile.TemporaryDirectory() as log_dir:
-        for label, seed, fraction in runs:
-            result = run_in_fresh_process(
-                args.model, seed, fraction, log_dir, args.max_epochs, tuple(args.monitor)
+    warned = grokked = false_alarms = 0
+    for (label, seed, _), result in zip(runs, results, strict=True):
+        epoch, kind, group = result["alarms"][0] if result["alarms"] else (None, "-", None)
+        signal = kind + (f" ({group})" if group else "")
+        crossed = result["crossed"]
+        lead = None if epoch is None or crossed is None else crossed - epoch
+        share = None if lead is None else lead / crossed
+        if crossed is not None:
+            grokked += 1
+            good = share is not None and share >= GOAL_LEAD
+            warned += good
+            verdict = "warned in time" if good else "late or no alarm"
+        elif label == "grok":
+            verdict = "val_acc 0.5 not reached"
+        else:
+            false_alarms += len(result["alarms"])
+            verdict = "false alarm" if result["alarms"] else "quiet (correct)"
+        print(
+            f"{label:<12}{seed:>5}{_show(epoch):>7}  {signal:<32}{_show(crossed):>9}"
+            f"{_show(lead):>6}{'-' if share is None else f'{share:.2f}':>7}"
+            f"{result['max_acc']:>8.3f}{result['final_acc']:>7.3f}{result['seconds']:>6.0f}"
+            f"{result['evaluations']:>6}{result['monitor_share']:>8.0%}  {verdict}"
+            + (f"  ({_show(result['unseen_crossed'])})" if model == "transformer" else "")
+        )
+        if len(result["alarms"]) > 1:
+            others = ", ".join(
+                f"{k}{f' ({g})' if g else ''} at {e}" for e, k, g in result["alarms"][1:]
             )
-            alarm_epoch, kind = result["alarms"][0] if result["alarms"] else (None, "-")
-            crossed = result["crossed"]
-            lead = None if alarm_epoch is None or crossed is None else crossed - alarm_epoch
-            if crossed is not None:
-                grokking += 1
-                good = lead is not None and lead >= GOAL_LEAD
-                hits += good
-                verdict = "warned in time" if good else "late or no alarm"
-            elif label == "grok":
-                verdict = "val_acc 0.5 not reached within the epochs run"
-            else:
-                false_alarms += len(result["alarms"])
-                verdict = "false alarm" if result["alarms"] else "quiet (correct)"
-            unseen = result["unseen_crossed"]
-            print(
-                f"{label:<8}{seed:>5}{fraction:>11.1f}{_show(alarm_epoch):>7}  {kind:<24}"
-                f"{_show(crossed):>13}{_show(lead):>6}{result['final_acc']:>10.2f}"
-                f"{result['seconds']:>9.0f}{result['evaluations']:>6}"
-                f"{result['monitor_share']:>8.0%}  {verdict}"
-                + (f"  ({_show(unseen)})" if args.model == "transformer" else "")
-            )
-            if len(result["alarms"]) > 1:
-                others = ", ".join(f"{k} at {e}" for e, k in result["alarms"][1:])
-                print(f"{'':<8}later alarms: {others}")
+            print(f"{'':<12}later alarms: {others}")
     print("-" * len(header))
     print(
-        f"grokking runs warned >= {GOAL_LEAD} epochs ahead: {hits}/{grokking}; "
+        f"grokking runs warned >= {GOAL_LEAD:.0%} of the way ahead: {warned}/{grokked}; "
         f"alarms in control runs that never reached val_acc 0.5: {false_alarms}"
     )
 

@@ -153,6 +153,9 @@ class ModularArithmeticDataModule(L.LightningDataModule):
             commutativity, and validation accuracy measures the addition itself. The training
             split is then the first unordered pairs, in the seeded order, that fit
             ``train_fraction`` of the ``p^2`` pairs.
+        shuffle_labels: permute the training labels among the training pairs (seeded by
+            ``seed``), for a control run that memorises but has nothing to generalise:
+            validation keeps the true labels.
 
     Raises:
         ValueError: for an argument out of range.
@@ -173,6 +176,7 @@ class ModularArithmeticDataModule(L.LightningDataModule):
         seed: int = 0,
         batch_size: int | None = None,
         group_swaps: bool = False,
+        shuffle_labels: bool = False,
     ) -> None:
         super().__init__()
         _check_int("p", p, 2)
@@ -206,7 +210,10 @@ class ModularArithmeticDataModule(L.LightningDataModule):
             self.train_indices: Tensor = order[:n_train].sort().values
             self.val_indices: Tensor = order[n_train:].sort().values
         x, y = self.grid()
-        self.train_set = TensorDataset(x[self.train_indices], y[self.train_indices])
+        train_labels = y[self.train_indices]
+        if shuffle_labels:
+            train_labels = train_labels[torch.randperm(len(train_labels), generator=generator)]
+        self.train_set = TensorDataset(x[self.train_indices], train_labels)
         self.val_set = TensorDataset(x[self.val_indices], y[self.val_indices])
 
     def grid(self) -> tuple[Tensor, Tensor]:

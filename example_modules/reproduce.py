@@ -539,6 +539,7 @@ def run_modular(config: ModularConfig) -> ModularResult:
         probe=ProbeSet(x, y, heldout),
         every_n_epochs=config.monitor_every,
         mode="trace",
+        groups=None,  # the paper's figures are of the whole kernel
         log_images=False,
     )
     record = TrainingRecord(config.overlap_every)

@@ -39,6 +39,7 @@ from lightning_entk.kernel import (
     check_projection_mode,
     ntk_plan,
 )
+from lightning_entk.kernel.context import parameter_groups
 from lightning_entk.kernel.points import ForwardFn, num_points, to_device
 from lightning_entk.probe import (
     DEFAULT_MAX_PROBE_POINTS,
@@ -111,8 +112,12 @@ class ENTKMonitor(Callback):
             ``entk/<group>/...``, beside the whole model's: ``"modules"`` (the top-level
             children), ``"auto"`` (a few groups that follow the model's parts), a callable
             ``name -> group`` or a mapping ``group -> parameter names`` (see
-            :func:`~lightning_entk.empirical_ntk`). ``None``: the whole model only.
-            Single-process runs only (under DDP the ranks share the whole kernel's work).
+            :func:`~lightning_entk.empirical_ntk`). ``None``: the whole model only (each
+            group's spectrum and kernel regression cost about as much again as the whole
+            kernel's). The early warning's ``alignment_rise`` watches the last group, the
+            readout (the whole kernel without groups). A model with one group logs the whole
+            kernel only. Single-process runs only (under DDP the ranks share the whole kernel's
+            work, and only the whole kernel is logged).
         accuracy_key: the network's own metric shown beside the spectrum and used by the early
             warning (looked up in ``trainer.callback_metrics``).
         early_warning: the detector, or ``None`` for none.
@@ -152,7 +157,7 @@ class ENTKMonitor(Callback):
         output_projections: int | None = None,
         forward_fn: ForwardFn = None,
         method: str = "auto",
-        groups: Groups = None,
+        groups: Groups = "auto",
         accuracy_key: str | None = "val_acc",
         early_warning: EarlyWarning | None = None,
         on_transition: Callable[[PhaseTransition], None] | None = None,
@@ -239,6 +244,11 @@ class ENTKMonitor(Callback):
     # Lightning hooks
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.groups is not None and trainer.world_size > 1:
+            rank_zero_info(
+                "ENTKMonitor: under several processes only the whole kernel is logged, not "
+                "the kernels of parameter groups."
+            )
         if stage == "fit" and self.probe is not None:
             self.probe = self._fit_to_budget(self.probe, pl_module)
         if self.log_images and trainer.loggers and not _tensorboard(trainer):
@@ -261,7 +271,8 @@ class ENTKMonitor(Callback):
             self._feature_pairs = bool(getattr(pl_module, "entk_feature_pairs", False))
         tensorboard = _tensorboard(trainer)
         if tensorboard is not None and trainer.is_global_zero:
-            layout = tensorboard_layout(self.accuracy_key, per_group=self.groups is not None)
+            per_group = self.groups is not None and trainer.world_size == 1
+            layout = tensorboard_layout(self.accuracy_key, per_group=per_group)
             tensorboard.experiment.add_custom_scalars(layout)
         self._train_began = time.perf_counter()
         if isinstance(self.schedule, TimeBudget):
@@ -555,7 +566,13 @@ class ENTKMonitor(Callback):
             )
         self._rows_per_point = plan.num_outputs if self.mode == "flatten" else 1
         rank_zero_info(f"ENTKMonitor: {plan}")
-        probe, warning = probe_within_budget(probe, plan, self.memory_budget, self._rows_per_point)
+        num_groups = 0
+        if self.groups is not None:
+            names = [n for n, p in pl_module.named_parameters() if p.requires_grad]
+            num_groups = len(set(parameter_groups(pl_module, names, self.groups).values()))
+        probe, warning = probe_within_budget(
+            probe, plan, self.memory_budget, self._rows_per_point, num_groups
+        )
         if warning:
             rank_zero_warn(warning)
         return probe

@@ -12,7 +12,8 @@ Logged scalars (``R`` rows of the kernel: N for ``trace``, C*N for ``flatten``):
     entk/kernel_velocity             || K_t/|K_t| - K_s/|K_s| ||_F against the previous evaluation s
     entk/kernel_target_alignment     centred alignment of K with the labels' Y Y^T (trace mode)
     entk/kernel_regression_acc       accuracy of eNTK kernel regression on held-out probe points
-    entk/heldout_alignment           kernel-target alignment on the held-out probe points alone
+    entk/heldout_alignment           alignment on the held-out probe points alone, debiased
+                                     (:func:`debiased_alignment`: 0 expected by chance)
     entk/overlap/<family>            subspace overlap of the best cliff segment with a family of
                                      ground-truth features
     entk/seconds                     wall time of the evaluation, split into
@@ -58,6 +59,7 @@ from lightning_entk.probe import ProbeSet, kernel_memory_bytes
 from lightning_entk.spectrum import Spectrum
 
 TOP_EIGENVALUES = 5
+MIN_DEBIASED_POINTS = 4  # the unbiased HSIC estimate divides by N (N - 3)
 # Eigenvalues of a kernel computed in this dtype that are below this share of the largest are
 # round-off (see cliffs.py): kernel regression ignores their directions.
 ROUND_OFF_RTOL = {torch.float32: FLOAT32_ROUND_OFF, torch.float64: 1e-13}
@@ -85,10 +87,13 @@ class Evaluation:
     kernel: Tensor | None = None
 
 
-def points_within_budget(plan: NTKPlan, memory_budget: int, rows_per_point: int = 1) -> int:
+def points_within_budget(
+    plan: NTKPlan, memory_budget: int, rows_per_point: int = 1, num_groups: int = 0
+) -> int:
     """The most probe points (at most the plan's) whose evaluation is predicted to fit
     ``memory_budget``: the kernel's own work (:meth:`NTKPlan.peak_bytes`) plus its dense
-    eigendecomposition (:func:`~lightning_entk.probe.kernel_memory_bytes`).
+    eigendecomposition (:func:`~lightning_entk.probe.kernel_memory_bytes`) and the kernels of
+    ``num_groups`` parameter groups (counted in float64).
 
     Example:
         >>> import torch
@@ -101,7 +106,8 @@ def points_within_budget(plan: NTKPlan, memory_budget: int, rows_per_point: int 
     """
 
     def need(n: int) -> int:
-        return plan.peak_bytes(n) + kernel_memory_bytes(n * rows_per_point)
+        rows = n * rows_per_point
+        return plan.peak_bytes(n) + kernel_memory_bytes(rows) + num_groups * 8 * rows**2
 
     lo, hi = 0, plan.num_points
     while lo < hi:
@@ -111,7 +117,11 @@ def points_within_budget(plan: NTKPlan, memory_budget: int, rows_per_point: int 
 
 
 def probe_within_budget(
-    probe: ProbeSet, plan: NTKPlan, memory_budget: int, rows_per_point: int = 1
+    probe: ProbeSet,
+    plan: NTKPlan,
+    memory_budget: int,
+    rows_per_point: int = 1,
+    num_groups: int = 0,
 ) -> tuple[ProbeSet, str | None]:
     """``probe``, or its largest seeded subset whose evaluation is predicted to fit
     ``memory_budget`` (:func:`points_within_budget`) with a warning that says so.
@@ -119,7 +129,7 @@ def probe_within_budget(
     Raises:
         ValueError: if not even two points fit.
     """
-    fits = points_within_budget(plan, memory_budget, rows_per_point)
+    fits = points_within_budget(plan, memory_budget, rows_per_point, num_groups)
     if fits >= len(probe):
         return probe, None
     mib = memory_budget / 2**20
@@ -188,6 +198,8 @@ def evaluate(
         )
         if groups is not None:
             parts, kernel = kernel, sum(kernel.values())
+            if len(parts) == 1:  # the whole kernel again
+                parts = {}
     if not torch.isfinite(kernel).all():
         raise FloatingPointError("the eNTK has NaN or inf entries (diverging weights?)")
     dtype = compute_dtype(model)  # float32 or float64
@@ -264,8 +276,8 @@ def label_metrics(kernel: Tensor, probe: ProbeSet, mode: str, rtol: float) -> di
             metrics["entk/kernel_regression_acc"] = kernel_regression_accuracy(
                 kernel, targets, heldout, rtol=rtol
             )
-            if int(heldout.sum()) > 1:
-                metrics["entk/heldout_alignment"] = kernel_target_alignment(
+            if int(heldout.sum()) >= MIN_DEBIASED_POINTS:
+                metrics["entk/heldout_alignment"] = debiased_alignment(
                     kernel[heldout][:, heldout], targets[heldout]
                 )
     return metrics
@@ -304,6 +316,38 @@ def kernel_target_alignment(kernel: Tensor, targets: Tensor) -> float:
         (centred_k * ideal).sum()
         / (torch.linalg.matrix_norm(centred_k) * torch.linalg.matrix_norm(ideal))
     )
+
+
+def debiased_alignment(kernel: Tensor, targets: Tensor) -> float:
+    """Kernel-target alignment from unbiased HSIC estimates (Song et al. 2012, JMLR 13, eq. 5;
+    "debiased CKA"): ``HSIC1(K, L) / sqrt(HSIC1(K, K) HSIC1(L, L))`` with ``L = Y Y^T``.
+
+    :func:`kernel_target_alignment` of a kernel unrelated to the labels is not 0 but about
+    ``1/N`` times a constant, so its level, and any ratio to its level, depends on how many
+    points there are. Here the numerator is an unbiased estimate, 0 in expectation for such a
+    kernel at every ``N``; a kernel that separates the classes scores near 1, and the estimate
+    can fall below 0 (a kernel that sets same-label points apart). Needs
+    ``N >= MIN_DEBIASED_POINTS``; computed in float64.
+    """
+    n = kernel.shape[0]
+    if n < MIN_DEBIASED_POINTS:
+        raise ValueError(f"debiased alignment needs >= {MIN_DEBIASED_POINTS} points, got {n}.")
+    k = kernel.to(torch.float64)
+    y = targets.to(torch.float64)
+
+    def hsic(a: Tensor, b: Tensor) -> Tensor:
+        a = a - torch.diag_embed(torch.diagonal(a))
+        b = b - torch.diag_embed(torch.diagonal(b))
+        a_rows, b_rows = a.sum(1), b.sum(1)
+        return (
+            (a * b).sum()
+            + a_rows.sum() * b_rows.sum() / ((n - 1) * (n - 2))
+            - 2 * (a_rows @ b_rows) / (n - 2)
+        ) / (n * (n - 3))
+
+    ideal = y @ y.T
+    scale = torch.sqrt(hsic(k, k) * hsic(ideal, ideal))
+    return float(hsic(k, ideal) / scale) if scale > 0 else 0.0
 
 
 def kernel_regression_accuracy(

@@ -319,6 +319,24 @@ def test_monitor_logs_each_parameter_group_beside_the_whole_model(tmp_path):
             assert "val_acc" in drawn and "entk/kernel_regression_acc" not in drawn
 
 
+def test_monitor_default_groups_follow_the_model_and_a_single_group_is_the_whole(tmp_path):
+    """``groups="auto"`` by default: the classifier's layers get their own figures, with the
+    output layer last (the readout the early warning watches); a model of one group logs the
+    whole kernel's figures only."""
+    monitor = ENTKMonitor(every_n_epochs=1, log_images=False)
+    fit(tmp_path, callbacks=[monitor], max_epochs=1)
+    metrics = monitor.history[-1].metrics
+    groups = [k.split("/")[1] for k in metrics if re.fullmatch("entk/[^/]+/heldout_alignment", k)]
+    assert groups == ["net.0", "net.3", "net.4"]
+
+    linear = Classifier()
+    linear.net = nn.Sequential(nn.Linear(6, 4))
+    monitor = ENTKMonitor(every_n_epochs=1, log_images=False)
+    fit(tmp_path, callbacks=[monitor], max_epochs=1, model=linear)
+    assert not [k for k in monitor.history[-1].metrics if k.count("/") >= 2 and "/net" in k]
+    assert "entk/heldout_alignment" in monitor.history[-1].metrics
+
+
 def test_monitor_state_dict_round_trip():
     monitor = ENTKMonitor()
     monitor.probe = ProbeSet(torch.randn(5, 2))
@@ -383,7 +401,9 @@ def test_monitor_ddp_spawn_matches_single_process(tmp_path, options):
     keys = [k for k in single.callback_metrics if k.startswith("entk/")]
     keys = [k for k in keys if not k.startswith("entk/seconds")]
     assert "entk/eigenvalue/top1" in keys
-    for key in keys:
+    groups = [k for k in keys if re.match(r"entk/net\.\d/", k)]  # one process logs groups
+    assert groups and not [k for k in multi.callback_metrics if re.match(r"entk/net\.\d/", k)]
+    for key in set(keys) - set(groups):
         torch.testing.assert_close(
             multi.callback_metrics[key], single.callback_metrics[key], msg=key
         )

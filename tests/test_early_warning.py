@@ -65,28 +65,29 @@ def test_regression_lead_silent_without_kernel_regression():
 
 
 def test_alignment_rise_names_the_readout_group_and_ignores_the_others():
-    """The last group in the metrics (the model's last parameters) is the readout: an
-    embedding whose alignment triples by epoch 100 raises nothing."""
-    detector = EarlyWarning(alignment_factor=2.0)
+    """The last group in the metrics (the model's last parameters) is the readout: neither an
+    embedding nor the whole kernel, aligned as they may become, raises anything."""
+    detector = EarlyWarning(alignment_gain=0.1)
     key = "entk/{}heldout_alignment".format
     history = [
-        record(0, **{key(""): 0.05, key("embed/"): 0.02, key("unembed/"): 0.04}),
-        record(100, **{key(""): 0.06, key("embed/"): 0.05, key("unembed/"): 0.07}),
-        record(200, **{key(""): 0.09, key("embed/"): 0.06, key("unembed/"): 0.084}),
-        record(300, **{key(""): 0.2, key("embed/"): 0.2, key("unembed/"): 0.2}),
+        record(0, **{key(""): -0.04, key("embed/"): 0.0, key("unembed/"): -0.03}),
+        record(100, **{key(""): 0.3, key("embed/"): 0.4, key("unembed/"): 0.09}),  # below 0.1
+        record(200, **{key(""): 0.3, key("embed/"): 0.4, key("unembed/"): 0.12}),
+        record(300, **{key(""): 0.5, key("embed/"): 0.5, key("unembed/"): 0.5}),
     ]
     raised = [t for r in history for t in detector.update(r)]
     assert [(t.epoch, t.kind, t.group) for t in raised] == [(200, "alignment_rise", "unembed")]
-    assert raised[0].evidence["ratio"] == pytest.approx(2.1)
+    assert raised[0].evidence == {"heldout_alignment": 0.12, "start": -0.03}
     assert "alignment_rise of group 'unembed'" in raised[0].describe()
 
 
-def test_alignment_rise_of_the_whole_kernel_has_no_group():
-    detector = EarlyWarning()
-    alignments = [0.1, 0.19, 0.25]
+def test_alignment_rise_is_judged_above_an_aligned_start():
+    """A readout aligned from initialization must rise by the gain over its start."""
+    detector = EarlyWarning(alignment_gain=0.1)
+    alignments = [0.3, 0.35, 0.39, 0.41]
     history = [record(e, **{"entk/heldout_alignment": a}) for e, a in enumerate(alignments)]
     raised = [t for r in history for t in detector.update(r)]
-    assert [(t.epoch, t.group) for t in raised] == [(2, None)]
+    assert [(t.epoch, t.group) for t in raised] == [(3, None)]  # the whole kernel: no group
 
 
 def test_new_cliff_must_persist_and_be_new():
@@ -100,7 +101,7 @@ def test_new_cliff_must_persist_and_be_new():
 def test_rules_are_in_epochs_and_steps_not_evaluations():
     """Under the uneven spacing of a time budget: a new cliff seen at two evaluations 20 epochs
     apart has persisted; velocities that grow with the gap between evaluations are no jump."""
-    detector = EarlyWarning(persistence=4, warmup=2)
+    detector = EarlyWarning(persistence=4, warmup=2, velocity_factor=5.0)
     epochs = [0, 1, 2, 4, 24, 25, 65]
     velocity = {1: 0.01, 2: 0.01, 4: 0.02, 24: 0.2, 25: 0.01, 65: 0.4}
     history = [record(e, (57, 113) if e >= 4 else (57,), velocity=velocity.get(e)) for e in epochs]
@@ -112,6 +113,12 @@ def test_velocity_jump_after_warmup():
     velocities = [1.0, 9.0, 1.0, 1.2, 0.9, 1.1, 6.0, 50.0]  # the early 9 is within the warmup
     history = [record(e, velocity=v) for e, v in enumerate(velocities)]
     assert kinds(detector, history) == [(6, "kernel_velocity")]
+
+
+def test_velocity_jump_is_off_by_default():
+    velocities = [1.0] * 8 + [100.0]
+    history = [record(e, velocity=v) for e, v in enumerate(velocities)]
+    assert kinds(EarlyWarning(), history) == []
 
 
 def test_state_round_trip_continues_where_it_left_off():
@@ -133,7 +140,8 @@ def test_state_round_trip_continues_where_it_left_off():
         ({"warmup": 1.5}, "warmup"),
         ({"rank_tolerance": -1}, "rank_tolerance"),
         ({"velocity_factor": 1.0}, "velocity_factor"),
-        ({"alignment_factor": 0.5}, "alignment_factor"),
+        ({"alignment_gain": 0.0}, "alignment_gain"),
+        ({"alignment_gain": 1.5}, "alignment_gain"),
     ],
 )
 def test_invalid_arguments_raise(kwargs, match):

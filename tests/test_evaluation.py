@@ -1,5 +1,6 @@
 """The scalars of one evaluation, each against its definition computed directly."""
 
+import itertools
 import math
 
 import pytest
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 
 from lightning_entk.evaluation import (
     ROUND_OFF_RTOL,
+    debiased_alignment,
     evaluate,
     kernel_regression_accuracy,
     kernel_target_alignment,
@@ -61,6 +63,49 @@ def test_kernel_velocity_ignores_scale_and_measures_direction():
     assert kernel_velocity(kernel, 7.0 * kernel) == pytest.approx(0.0, abs=1e-15)
     first, second = torch.diag(torch.tensor([1.0, 0.0])), torch.diag(torch.tensor([0.0, 1.0]))
     assert kernel_velocity(first, second) == pytest.approx(math.sqrt(2))
+
+
+def _hsic_u_statistic(k: torch.Tensor, ell: torch.Tensor) -> float:
+    """Unbiased HSIC by its definition: the mean over ordered 4-tuples of distinct points of
+    ``k_ij l_ij + k_ij l_qr - 2 k_ij l_iq`` (Song et al. 2012, section 2.2)."""
+    n = k.shape[0]
+    total = sum(
+        k[i, j] * ell[i, j] + k[i, j] * ell[q, r] - 2 * k[i, j] * ell[i, q]
+        for i, j, q, r in itertools.permutations(range(n), 4)
+    )
+    return float(total) / math.perm(n, 4)
+
+
+def test_debiased_alignment_matches_the_u_statistic_by_brute_force():
+    generator = torch.Generator().manual_seed(3)
+    targets = F.one_hot(torch.randint(0, 3, (9,), generator=generator), 3).double()
+    features = torch.randn(9, 4, generator=generator, dtype=torch.float64)
+    kernel = features @ features.T + targets @ targets.T
+    ideal = targets @ targets.T
+    expected = _hsic_u_statistic(kernel, ideal) / math.sqrt(
+        _hsic_u_statistic(kernel, kernel) * _hsic_u_statistic(ideal, ideal)
+    )
+    assert debiased_alignment(kernel, targets) == pytest.approx(expected, rel=1e-12)
+    assert debiased_alignment(ideal, targets) == pytest.approx(1.0, rel=1e-12)
+    assert debiased_alignment(kernel.float(), targets.float()) == pytest.approx(expected, rel=1e-5)
+
+
+def test_debiased_alignment_of_an_unrelated_kernel_is_near_zero_at_any_size():
+    """The biased alignment of random features falls like 1/N; the debiased one stays near 0."""
+    generator = torch.Generator().manual_seed(4)
+    biased, debiased = [], []
+    for n in (64, 512):
+        targets = F.one_hot(torch.randint(0, 10, (n,), generator=generator), 10).double()
+        features = torch.randn(n, 8, generator=generator, dtype=torch.float64)
+        biased.append(kernel_target_alignment(features @ features.T, targets))
+        debiased.append(debiased_alignment(features @ features.T, targets))
+    assert biased[0] > 4 * biased[1] > 0  # the bias: ~8x from 64 to 512 points
+    assert max(abs(a) for a in debiased) < biased[1] < 0.05
+
+
+def test_debiased_alignment_needs_four_points():
+    with pytest.raises(ValueError, match="needs >= 4 points, got 3"):
+        debiased_alignment(torch.eye(3), torch.eye(3))
 
 
 def test_kernel_target_alignment_is_the_centred_cosine_with_the_ideal_kernel():

@@ -252,3 +252,16 @@ def test_datamodule_group_swaps_keeps_each_pair_with_its_swap(p):
     assert round(0.4 * p * p) - 1 <= len(data.train_indices) <= round(0.4 * p * p)
     other = ModularArithmeticDataModule(p=p, train_fraction=0.4, seed=4, group_swaps=True)
     assert not torch.equal(other.train_indices, data.train_indices)  # seeded
+
+
+def test_datamodule_shuffle_labels_permutes_training_labels_only():
+    data = ModularArithmeticDataModule(p=11, seed=2, shuffle_labels=True)
+    plain = ModularArithmeticDataModule(p=11, seed=2)
+    assert torch.equal(data.train_indices, plain.train_indices)  # the same split
+    assert torch.equal(data.train_set.tensors[0], plain.train_set.tensors[0])
+    shuffled, true = data.train_set.tensors[1], plain.train_set.tensors[1]
+    assert torch.equal(shuffled.sort().values, true.sort().values)  # the same labels
+    assert (shuffled != true).double().mean() > 0.8  # mostly moved
+    assert torch.equal(data.val_set.tensors[1], plain.val_set.tensors[1])  # true labels
+    again = ModularArithmeticDataModule(p=11, seed=2, shuffle_labels=True)
+    assert torch.equal(again.train_set.tensors[1], shuffled)  # seeded

@@ -82,11 +82,15 @@ def test_datamodule_split_shared_with_arithmetic_datamodule():
         assert torch.equal(xs, x[indices]) and torch.equal(ys, y[indices])
 
 
-def test_datamodule_defaults_are_the_papers():
+def test_datamodule_defaults_are_the_full_batch_grokking_setup():
     data = ModularTransformerDataModule()
-    assert (data.p, data.batch_size) == (29, 64)
-    assert len(data.train_indices) == 420 and len(data.val_indices) == 421
-    assert data.hparams.train_fraction == 0.5 and data.hparams.batch_size == 64
+    assert (data.p, data.batch_size) == (59, None)
+    assert len(data.train_indices) == 1044 and len(data.val_indices) == 2437
+    assert data.hparams.train_fraction == 0.3
+    (batch,) = list(data.train_dataloader())
+    assert len(batch[0]) == 1044
+    # at train fraction 0.3 memorised swaps can answer about 30% of the held-out pairs
+    assert data.val_set.tensors[2].double().mean() == pytest.approx(0.3, abs=0.02)
 
 
 def test_datamodule_loaders_shuffled_minibatches_and_full_validation():
@@ -162,17 +166,17 @@ def test_transformer_attention_depends_on_every_position():
 
 def test_transformer_layers_bias_free_with_paper_initialisation():
     torch.manual_seed(0)
-    model = ModularTransformer()
+    model = ModularTransformer()  # p=59, d_model 128, d_mlp 512
     expected = {
-        "embed": (30, 64, 64),
-        "pos_embed": (3, 64, 64),
-        "query": (64, 64, 64),
-        "key": (64, 64, 64),
-        "value": (64, 64, 64),
-        "attn_out": (64, 64, 64),
-        "mlp_in": (256, 64, 256),
-        "mlp_out": (64, 256, 64),
-        "unembed": (29, 64, 30),
+        "embed": (60, 128, 128),
+        "pos_embed": (3, 128, 128),
+        "query": (128, 128, 128),
+        "key": (128, 128, 128),
+        "value": (128, 128, 128),
+        "attn_out": (128, 128, 128),
+        "mlp_in": (512, 128, 512),
+        "mlp_out": (128, 512, 128),
+        "unembed": (59, 128, 60),
     }
     params = dict(model.named_parameters())
     assert set(params) == {f"{name}.weight" for name in expected}
@@ -184,9 +188,9 @@ def test_transformer_layers_bias_free_with_paper_initialisation():
     assert isinstance(model.pos_embed, nn.Embedding) and isinstance(model.query, nn.Linear)
 
 
-def test_transformer_optimizer_is_papers_adamw():
+def test_transformer_optimizer_is_full_batch_grokking_adamw():
     (group,) = ModularTransformer().configure_optimizers().param_groups
-    assert (group["lr"], group["weight_decay"], group["betas"]) == (3e-4, 1.0, (0.9, 0.999))
+    assert (group["lr"], group["weight_decay"], group["betas"]) == (1e-2, 1.0, (0.9, 0.98))
 
 
 @pytest.mark.parametrize(
@@ -195,7 +199,7 @@ def test_transformer_optimizer_is_papers_adamw():
         ({"p": 1}, "`p` must be an int >= 2, got 1"),
         ({"d_model": 0}, "`d_model` must be an int >= 1, got 0"),
         ({"d_mlp": 2.5}, "`d_mlp` must be an int >= 1, got 2.5"),
-        ({"n_heads": 3}, "`n_heads` must divide `d_model`, got n_heads=3 and d_model=64"),
+        ({"n_heads": 3}, "`n_heads` must divide `d_model`, got n_heads=3 and d_model=128"),
         ({"lr": -1.0}, "`lr` must be a finite number > 0, got -1.0"),
         ({"weight_decay": float("inf")}, "`weight_decay` must be a finite number >= 0, got inf"),
         ({"betas": (0.9, 1.0)}, r"`betas` must be two numbers in \[0, 1\), got \(0.9, 1.0\)"),
@@ -272,7 +276,8 @@ def test_transformer_trainer_logs_metrics_and_learns():
     L.seed_everything(0, verbose=False)
     model = ModularTransformer(p=7, d_model=16, d_mlp=32, n_heads=2, lr=1e-2, weight_decay=0.0)
     trainer = quick_trainer(max_epochs=30)
-    trainer.fit(model, datamodule=ModularTransformerDataModule(p=7, batch_size=8))
+    data = ModularTransformerDataModule(p=7, train_fraction=0.5, batch_size=8)
+    trainer.fit(model, datamodule=data)
     for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
         assert key in trainer.callback_metrics
     assert 0 <= trainer.callback_metrics["val_acc"] <= 1
@@ -282,7 +287,7 @@ def test_transformer_trainer_logs_metrics_and_learns():
 
 def test_transformer_validation_splits_accuracy_by_swap():
     L.seed_everything(0, verbose=False)
-    data = ModularTransformerDataModule(p=7, batch_size=8)
+    data = ModularTransformerDataModule(p=7, train_fraction=0.5, batch_size=8)
     model = ModularTransformer(p=7, d_model=16, d_mlp=32, n_heads=2, lr=1e-2)
     trainer = quick_trainer(max_epochs=20)
     trainer.fit(model, datamodule=data)
@@ -300,7 +305,8 @@ def test_transformer_with_monitor_records_spectra_and_alignment(tmp_path):
     model = ModularTransformer(p=7, d_model=16, d_mlp=32, n_heads=2)
     monitor = ENTKMonitor(every_n_epochs=1, log_images=False)
     trainer = quick_trainer(max_epochs=2, callbacks=[monitor], default_root_dir=tmp_path)
-    trainer.fit(model, datamodule=ModularTransformerDataModule(p=7, batch_size=8))
+    data = ModularTransformerDataModule(p=7, train_fraction=0.5, batch_size=8)
+    trainer.fit(model, datamodule=data)
     assert [r.epoch for r in monitor.history] == [0, 1, 2]
     assert len(monitor.probe) == 49 and monitor.probe.heldout.sum() == 25
     for record in monitor.history:
@@ -310,11 +316,12 @@ def test_transformer_with_monitor_records_spectra_and_alignment(tmp_path):
 
 
 @pytest.mark.slow
-def test_transformer_groks_with_paper_setup():
-    """Seed 3 reaches val_acc 0.95 at epoch 964 on the reference machine (module docstring)."""
-    L.seed_everything(3, verbose=False)
+def test_transformer_groks_with_default_setup():
+    """Seed 4 reaches val_acc 0.5 at epoch 876 (module docstring) and 0.95 soon after, where
+    memorised swaps alone would score about 0.3."""
+    L.seed_everything(4, verbose=False)
     stop = EarlyStopping("val_acc", mode="max", stopping_threshold=0.95, patience=10**6)
-    trainer = quick_trainer(max_epochs=1500, callbacks=[stop])
-    trainer.fit(ModularTransformer(), datamodule=ModularTransformerDataModule(seed=3))
+    trainer = quick_trainer(max_epochs=1100, callbacks=[stop])
+    trainer.fit(ModularTransformer(), datamodule=ModularTransformerDataModule(seed=4))
     assert trainer.callback_metrics["val_acc"] >= 0.95
     assert trainer.callback_metrics["train_acc"] == 1.0
