@@ -21,8 +21,8 @@ val_acc, and what the monitor cost. A control's alarm is false when its val_acc 
 trained (``val_acc_swap_unseen``, which commutativity cannot answer) reach 0.5. Each run is a
 fresh process; TensorBoard images are off to save time.
 
-    python benchmarks/early_warning.py --model mlp                  # ~12 min on 2 cores
-    python benchmarks/early_warning.py --model transformer --jobs 2
+    python benchmarks/early_warning.py --model mlp                  # ~15-25 min on 2 cores
+    python benchmarks/early_warning.py --model transformer --jobs 2 # ~32 min on 2 cores
     python benchmarks/early_warning.py --seeds 2 --control-seeds 1 \\
         --monitor=--monitor.max_overhead=0.2       # the time budget instead of a cadence
 """
