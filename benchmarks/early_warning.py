@@ -21,6 +21,7 @@ val_acc, and what the monitor cost. A control's alarm is false when its val_acc 
 trained (``val_acc_swap_unseen``, which commutativity cannot answer) reach 0.5. Each run is a
 fresh process; TensorBoard images are off to save time.
 
+    python benchmarks/early_warning.py                              # both models, ~1 hour
     python benchmarks/early_warning.py --model mlp                  # ~15-25 min on 2 cores
     python benchmarks/early_warning.py --model transformer --jobs 2 # ~32 min on 2 cores
     python benchmarks/early_warning.py --seeds 2 --control-seeds 1 \\
@@ -113,7 +114,7 @@ def run_in_fresh_process(*args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=["mlp", "transformer"], default="mlp")
+    parser.add_argument("--model", choices=["mlp", "transformer", "both"], default="both")
     parser.add_argument("--seeds", type=int, default=5, help="grokking runs")
     parser.add_argument("--control-seeds", type=int, default=2, help="runs per control kind")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (threads shared)")
@@ -124,31 +125,38 @@ def main() -> None:
         help="an argument for every run, e.g. --monitor=--monitor.max_overhead=0.5",
     )
     args = parser.parse_args()
+    for model in list(CONTROLS) if args.model == "both" else [args.model]:
+        run_model(model, args.seeds, args.control_seeds, args.jobs, tuple(args.monitor))
 
-    runs = [("grok", seed, ()) for seed in range(args.seeds)]
+
+def run_model(
+    model: str, seeds: int, control_seeds: int, jobs: int, monitor_args: tuple[str, ...]
+) -> None:
+    """The grokking runs and the controls of one model, then its table."""
+    runs = [("grok", seed, ()) for seed in range(seeds)]
     runs += [
         (kind, seed, extra)
-        for kind, extra in CONTROLS[args.model].items()
-        for seed in range(args.control_seeds)
+        for kind, extra in CONTROLS[model].items()
+        for seed in range(control_seeds)
     ]
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    print(f"model: {args.model}; arguments of every run: {' '.join(args.monitor) or 'none'}")
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    print(f"model: {model}; arguments of every run: {' '.join(monitor_args) or 'none'}")
     with tempfile.TemporaryDirectory() as log_dir:
-        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
             futures = [
                 pool.submit(
                     run_in_fresh_process,
-                    args.model,
+                    model,
                     label,
                     seed,
-                    (*extra, *args.monitor),
+                    (*extra, *monitor_args),
                     log_dir,
                     threads,
                 )
                 for label, seed, extra in runs
             ]
             results = [f.result() for f in futures]
-    print_table(args.model, runs, results)
+    print_table(model, runs, results)
 
 
 def print_table(model: str, runs: list[tuple], results: list[dict]) -> None:
