@@ -117,8 +117,7 @@ class TimeBudget:
     def _fresh_state() -> dict:
         return {
             "started": None,  # clock at the start of training
-            "spent": 0.0,  # the monitor's seconds, every evaluation's and extra work's
-            "monitor": 0.0,  # the monitor's seconds, all of them
+            "spent": 0.0,  # the monitor's seconds, every evaluation's (images included)
             "costs": [],  # seconds of each evaluation
             "gap": 1.0,  # steps to the next evaluation, before the budget
             "next_step": 1,
@@ -143,7 +142,7 @@ class TimeBudget:
     def trained(self, now: float) -> float:
         """Training seconds by clock ``now``: wall time since the start outside the monitor."""
         started = self._state["started"]
-        return 0.0 if started is None else max(now - started - self._state["monitor"], 0.0)
+        return 0.0 if started is None else max(now - started - self._state["spent"], 0.0)
 
     def allows(self, step: int, now: float) -> bool:
         """Whether the budget allows an evaluation at ``step`` and clock ``now``; if not, the
@@ -176,7 +175,6 @@ class TimeBudget:
         state = self._state
         seconds = max(ended - began, 0.0)
         first = state["last_step"] is None
-        state["monitor"] += seconds
         state["spent"] += seconds
         state["costs"].append(seconds)
         signals = moving_signals(metrics)
@@ -208,7 +206,7 @@ class TimeBudget:
     def restart_clock(self) -> None:
         """Count seconds afresh (after a resume in a new process): the budget's account is
         closed, the gap, the costs and the next step are kept."""
-        self._state.update(started=None, spent=0.0, monitor=0.0)
+        self._state.update(started=None, spent=0.0)
 
 
 def moving_signals(metrics: Mapping[str, float]) -> dict[str, float]:
