@@ -92,8 +92,8 @@ def points_within_budget(
 ) -> int:
     """The most probe points (at most the plan's) whose evaluation is predicted to fit
     ``memory_budget``: the kernel's own work (:meth:`NTKPlan.peak_bytes`) plus its dense
-    eigendecomposition (:func:`~lightning_entk.probe.kernel_memory_bytes`) and the kernels of
-    ``num_groups`` parameter groups (counted in float64).
+    eigendecomposition and the kernels of ``num_groups`` parameter groups
+    (:func:`~lightning_entk.probe.kernel_memory_bytes`).
 
     Example:
         >>> import torch
@@ -106,8 +106,7 @@ def points_within_budget(
     """
 
     def need(n: int) -> int:
-        rows = n * rows_per_point
-        return plan.peak_bytes(n) + kernel_memory_bytes(rows) + num_groups * 8 * rows**2
+        return plan.peak_bytes(n) + kernel_memory_bytes(n * rows_per_point, num_groups)
 
     lo, hi = 0, plan.num_points
     while lo < hi:

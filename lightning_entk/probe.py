@@ -334,7 +334,8 @@ def _class_labels(y: Tensor | None) -> Tensor | None:
     return y
 
 
-def kernel_memory_bytes(rows: int) -> int:
+def kernel_memory_bytes(rows: int, num_groups: int = 0) -> int:
     """Memory of one evaluation's dense kernel work: the kernel in its own dtype, a float64 copy,
-    eigenvectors and the previous kernel kept for velocity: about 4 R^2 float64 entries."""
-    return 4 * 8 * rows**2
+    eigenvectors and the previous kernel kept for velocity, and the kernels of ``num_groups``
+    parameter groups: about 4 + ``num_groups`` R^2 float64 entries."""
+    return (4 + num_groups) * 8 * rows**2
