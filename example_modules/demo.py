@@ -5,12 +5,12 @@ own classes (``example_modules.modular_arithmetic.main``, ``example_modules.modu
 
     python -m example_modules.modular_arithmetic                      # the paper's setup
     python -m example_modules.modular_arithmetic --help               # every argument
-    python -m example_modules.modular_arithmetic --trainer.max_epochs 150 --monitor.every_n_epochs 5
+    python -m example_modules.modular_arithmetic --trainer.max_epochs 150 --monitor.max_overhead 0.5
 
 Model (``--model.*``), data (``--data.*``), trainer (``--trainer.*``) and monitor
 (``--monitor.*``) arguments are those of their classes (LightningCLI). At the end it prints where
-the logs and the summary figure are, and a one-screen summary: when the network grokked, when
-the monitor warned, and the cliffs at the start and the end.
+the logs and the summary figure are, and the monitor's one-screen summary: what it cost, when
+the network grokked, when the monitor warned, and the cliffs at the start and the end.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ DEFAULT_LOG_DIR = "entk_runs"
 
 class DemoCLI(LightningCLI):
     def __init__(self, *args, extra_defaults: dict | None = None, **kwargs) -> None:
-        self.extra_defaults = {"monitor.every_n_epochs": 2, **(extra_defaults or {})}
+        self.extra_defaults = dict(extra_defaults or {})
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -47,7 +47,8 @@ def main(
 
     ``model_class`` and ``datamodule_class`` choose the experiment; ``name`` is the run's
     directory under the log dir; ``defaults`` overrides parser defaults by dotted key (e.g.
-    ``{"monitor.every_n_epochs": 20, "data.seed": 3}``).
+    ``{"data.seed": 3}``). The monitor has no arguments of its own unless given on the command
+    line: what ``ENTKMonitor()`` does is what the demo shows.
     """
     cli = DemoCLI(
         model_class,
@@ -74,40 +75,11 @@ def main(
 
 
 def summary(monitor: ENTKMonitor, trainer) -> str:
-    """A one-screen text summary of a monitored run: what the monitor cost beside training,
-    when the accuracy crossed 0.5 and 0.95, each phase-transition signal of the monitor with
-    how many epochs before or after the 0.5 crossing it came, and the cliffs at the start and
-    the end."""
-    history = monitor.history
-    lines = ["", "=" * 72, "eNTK monitor summary", "=" * 72]
-    if monitor.training_seconds:
-        share = monitor.monitor_seconds / monitor.training_seconds
-        lines.append(
-            f"training {monitor.training_seconds:.1f} s; monitor {monitor.monitor_seconds:.1f} s "
-            f"more ({share:.0%}) for {len(history)} evaluations"
-        )
-    key = monitor.accuracy_key
-    crossed = {level: monitor.first_epoch_reaching(level) for level in (0.5, 0.95)}
-    for level, epoch in crossed.items():
-        seen = f"epoch {epoch}" if epoch is not None else "not reached"
-        lines.append(f"{key} >= {level:<5} first seen at evaluation of {seen}")
-    lines.append(f"phase-transition signals: {len(monitor.transitions) or 'none raised'}")
-    for transition in monitor.transitions:
-        lines.append(f"    {transition.describe()}")
-        lead = None if crossed[0.5] is None else crossed[0.5] - transition.epoch
-        if lead is not None and lead > 0:
-            lines.append(f"        {lead} epochs before {key} >= 0.5: an early warning")
-        elif lead is not None:
-            lines.append(f"        {-lead} epochs after {key} >= 0.5: not ahead of it")
-    if history:
-        for label, record in (("start", history[0]), ("end", history[-1])):
-            ranks = ", ".join(f"{c.rank} (x{10**c.drop:.2f})" for c in record.cliffs) or "none"
-            lines.append(f"cliffs at {label:<5} (epoch {record.epoch:>3}): ranks {ranks}")
-    lines += ["", f"summary figure:   {monitor.summary_path or 'not written'}"]
+    """The monitor's one-screen summary, with where the TensorBoard logs are."""
+    lines = monitor.summary().splitlines()
     if trainer.logger is not None:
-        lines += [
+        lines[-1:-1] = [
             f"TensorBoard logs: {trainer.logger.log_dir}",
             f"open them with:   tensorboard --logdir {trainer.logger.save_dir}",
         ]
-    lines.append("=" * 72)
     return "\n".join(lines)

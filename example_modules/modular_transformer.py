@@ -332,12 +332,7 @@ def main(args: list[str] | None = None):
         name="modular_transformer",
         max_epochs=MAX_EPOCHS,
         seed=DEMO_SEED,
-        defaults={
-            "monitor.every_n_epochs": 50,
-            "monitor.max_probe_points": 512,
-            "monitor.groups": "auto",
-            "data.seed": DEMO_SEED,
-        },
+        defaults={"data.seed": DEMO_SEED},
     )
 
 

@@ -15,37 +15,38 @@ import math
 import torch
 from torch import Tensor, nn
 
-from lightning_entk.kernel import compute_dtype, empirical_ntk, num_outputs, projection_matrix
+from lightning_entk.kernel import (
+    KernelOptions,
+    compute_dtype,
+    empirical_ntk,
+    num_outputs,
+    projection_matrix,
+)
 from lightning_entk.kernel.points import Points, num_points, take
 
 
 def kernel_share(
-    model: nn.Module,
-    x: Points,
-    world: int,
-    rank: int,
-    *,
-    mode: str,
-    output_projections: int | None,
-    options: dict,
+    model: nn.Module, x: Points, world: int, rank: int, *, mode: str, options: KernelOptions
 ) -> Tensor:
-    """Rank ``rank``'s share of the probe kernel of ``x``, float64: ``trace`` ``(N, N)``;
-    ``flatten`` ``(C * ceil(N / world), C * N)`` (the last share padded with copies of point
-    0). ``options``: the other keyword arguments of :func:`~lightning_entk.empirical_ntk`."""
+    """Rank ``rank``'s share of the probe kernel of ``x`` (the whole kernel, without groups),
+    float64: ``trace`` ``(N, N)``; ``flatten`` ``(C * ceil(N / world), C * N)`` (the last share
+    padded with copies of point 0)."""
     n = num_points(x)
+    options = options.replace(groups=None)
     if mode == "flatten":
         share = math.ceil(n / world)
         rows = torch.arange(rank * share, (rank + 1) * share)
         rows = torch.where(rows < n, rows, 0)  # equal shares for the gather
-        return empirical_ntk(model, take(x, rows), x, mode=mode, **options).to(torch.float64)
-    outputs = num_outputs(model, x, options.get("output_fn"), options.get("forward_fn"))
+        return empirical_ntk(model, take(x, rows), x, mode=mode, options=options).double()
+    outputs = num_outputs(model, x, options.output_fn, options.forward_fn)
     columns = projection_matrix(
-        outputs, output_projections, dtype=compute_dtype(model), device=_device(model)
-    ).tensor_split(world, dim=1)[rank]
+        outputs, options.output_projections, options.projection_seed,
+        dtype=compute_dtype(model), device=_device(model),
+    ).tensor_split(world, dim=1)[rank]  # fmt: skip
     if columns.shape[1] == 0:  # more ranks than projections
         return torch.zeros(n, n, dtype=torch.float64, device=_device(model))
-    kernel = empirical_ntk(model, x, mode="trace", output_projections=columns, **options)
-    return kernel.to(torch.float64)
+    share = options.replace(output_projections=columns)
+    return empirical_ntk(model, x, mode="trace", options=share).to(torch.float64)
 
 
 def failed_share(n: int, world: int, mode: str, rows_per_point: int, device) -> Tensor:

@@ -7,24 +7,14 @@ Four signals, each raised once per run as a :class:`PhaseTransition`:
     the labels while the network itself does not yet: its accuracy has risen by ``lead_rise``
     over its starting level and leads the network's own validation accuracy by ``lead_margin``.
     On the modular-arithmetic MLP this rises 20-25 epochs before val_acc crosses 0.5
-    (DESIGN.md section 6).
+    (docs/early_warning.md).
 ``alignment_rise``
-    The kernel-target alignment on the held-out probe points alone, debiased
-    (:func:`~lightning_entk.evaluation.debiased_alignment`: 0 expected by chance, whatever the
-    number of points), of the readout group's kernel (the last parameter group in the metrics,
-    which :func:`~lightning_entk.evaluation.evaluate` lists in the model's parameter order: the
-    unembedding, the output layer), or of the whole kernel without groups, stands
-    ``alignment_gain`` above chance and above its level at the first evaluation: the features
-    feeding the output line up with labels they were not trained on. Measured on the readout's
-    kernel in plain training loops of the two bundled models (1,024-point probes): the modular
-    MLP's output layer starts at -0.04 and passes 0.1 at epochs 60-66 on 10 of 10 seeds
-    (val_acc 0.5 at 82-86); the transformer's unembedding starts at -0.01 and passes 0.1 at
-    epochs 360-1230, 10-59% of the way to val_acc 0.5 (7 seeds). In runs that never generalise
-    it stays below 0.09 on the MLP (train fraction 0.3; shuffled training labels; no weight
-    decay at train fraction 0.5, where val_acc stalls at 0.09-0.14) and below 0.005 on the
-    transformer. The centred (biased) alignment it replaces depends on the number of points:
-    0.055 on 512 held-out points and 0.105 on 256 at the transformer's initialization, so a
-    threshold on it meant different things on different probes.
+    The kernel-target alignment of the readout's kernel on the held-out probe points alone,
+    debiased (:func:`~lightning_entk.evaluation.debiased_alignment`: 0 expected by chance,
+    whatever the number of points), read by the sentinel at every epoch
+    (:mod:`~lightning_entk.monitor.sentinel`), stands ``alignment_gain`` above chance and above
+    its level at the first reading: the features feeding the output line up with labels they
+    were not trained on.
 ``new_cliff``
     A cliff at a rank that the first evaluation did not have appears and is still there at
     every evaluation ``persistence`` epochs later (ranks within ``rank_tolerance`` count as one).
@@ -37,7 +27,10 @@ Four signals, each raised once per run as a :class:`PhaseTransition`:
     train fraction 0.1 that never generalises.
 
 Every rule is stated in epochs and steps, not in evaluations, so that it means the same under a
-fixed cadence and under the uneven spacing of a time budget.
+fixed cadence and under the uneven spacing of a time budget. The detector takes full
+evaluations (:class:`EvaluationRecord`, with cliffs) and sentinel readings (with ``cliffs``
+``None``) in the order they were made; each rule reads the keys it needs
+(:mod:`~lightning_entk.monitor.keys`).
 """
 
 from __future__ import annotations
@@ -47,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from lightning_entk.cliffs import Cliff
+from lightning_entk.monitor import keys
 
 
 @dataclass
@@ -169,6 +163,7 @@ class EarlyWarning:
         self.rank_tolerance = rank_tolerance
         self.velocity_factor = velocity_factor
         self.warmup = warmup
+        self.readout_group: str | None = None  # named by the monitor: the sentinel's readout
         self._state = self._fresh_state()
 
     @staticmethod
@@ -184,13 +179,14 @@ class EarlyWarning:
         }
 
     def update(self, record: EvaluationRecord) -> list[PhaseTransition]:
-        """Take one evaluation; return the transitions it raises (each kind at most once)."""
+        """Take one full evaluation or sentinel reading (an object with ``epoch``, ``step``,
+        ``metrics`` and, for a full evaluation, ``cliffs``); return the transitions it raises
+        (each kind at most once)."""
         state = self._state
         found = []
-        group, alignment = self._alignment_rise(record)
         for kind, evidence, source in (
             ("kernel_regression_lead", self._regression_lead(record), None),
-            ("alignment_rise", alignment, group),
+            ("alignment_rise", self._alignment_rise(record), self.readout_group),
             ("new_cliff", self._new_cliff(record), None),
             ("kernel_velocity", self._velocity_jump(record), None),
         ):
@@ -199,23 +195,19 @@ class EarlyWarning:
                 found.append(PhaseTransition(record.epoch, record.step, kind, evidence, source))
         return found
 
-    def _alignment_rise(self, record: EvaluationRecord) -> tuple[str | None, dict | None]:
-        """The readout group (``None``: the whole kernel) and the evidence, when its held-out
-        alignment stands ``alignment_gain`` above both 0 and its first level."""
-        whole = "entk/heldout_alignment"
-        groups = [k for k in record.metrics if k.endswith("/heldout_alignment") and k != whole]
-        key = groups[-1] if groups else whole
-        if key not in record.metrics:
-            return None, None
-        value = record.metrics[key]
-        start = self._state["alignment_start"].setdefault(key, value)
+    def _alignment_rise(self, record: EvaluationRecord) -> dict | None:
+        """The evidence, when the readout's held-out alignment stands ``alignment_gain`` above
+        both 0 and its first level."""
+        value = record.metrics.get(keys.SENTINEL_ALIGNMENT)
+        if value is None:
+            return None
+        start = self._state["alignment_start"].setdefault(keys.SENTINEL_ALIGNMENT, value)
         if value < max(start, 0.0) + self.alignment_gain:
-            return None, None
-        group = key.removeprefix("entk/").removesuffix("heldout_alignment").strip("/") or None
-        return group, {"heldout_alignment": value, "start": start}
+            return None
+        return {"heldout_alignment": value, "start": start}
 
     def _regression_lead(self, record: EvaluationRecord) -> dict[str, float] | None:
-        acc = record.metrics.get("entk/kernel_regression_acc")
+        acc = record.metrics.get(keys.KERNEL_REGRESSION_ACC)
         if acc is None:
             return None
         if self._state["regression_start"] is None:
@@ -231,6 +223,8 @@ class EarlyWarning:
         return evidence
 
     def _new_cliff(self, record: EvaluationRecord) -> dict[str, float] | None:
+        if getattr(record, "cliffs", None) is None:  # a sentinel reading
+            return None
         ranks = [c.rank for c in record.cliffs]
         state = self._state
         if state["baseline_ranks"] is None:
@@ -265,7 +259,9 @@ class EarlyWarning:
         }
 
     def _velocity_jump(self, record: EvaluationRecord) -> dict[str, float] | None:
-        velocity = record.metrics.get("entk/kernel_velocity")
+        if getattr(record, "cliffs", None) is None:  # a sentinel reading
+            return None
+        velocity = record.metrics.get(keys.KERNEL_VELOCITY)
         last_step, self._state["last_step"] = self._state["last_step"], record.step
         if self.velocity_factor is None:
             return None

@@ -1,28 +1,7 @@
 """One evaluation of the monitor: the eNTK on the probe set, its spectrum, its cliffs, and the
 scalars logged under ``entk/``. Pure functions of a model and a probe set; no Lightning here.
 
-Logged scalars (``R`` rows of the kernel: N for ``trace``, C*N for ``flatten``):
-
-    entk/num_cliffs                  cliffs found by :func:`~lightning_entk.find_cliffs`
-    entk/cliff_rank/<i>              rank of the i-th cliff (1-based, by rank): eigenvalues above it
-    entk/cliff_drop/<i>              its fall, log10 units
-    entk/eigenvalue/top<j>           the j-th largest eigenvalue, j = 1..5
-    entk/effective_rank              entropy effective rank of the spectrum
-    entk/trace                       sum of eigenvalues (the kernel's scale)
-    entk/kernel_velocity             || K_t/|K_t| - K_s/|K_s| ||_F against the previous evaluation s
-    entk/kernel_target_alignment     centred alignment of K with the labels' Y Y^T (trace mode)
-    entk/kernel_regression_acc       accuracy of eNTK kernel regression on held-out probe points
-    entk/heldout_alignment           alignment on the held-out probe points alone, debiased
-                                     (:func:`debiased_alignment`: 0 expected by chance)
-    entk/overlap/<family>            subspace overlap of the best cliff segment with a family of
-                                     ground-truth features
-    entk/seconds                     wall time of the evaluation, split into
-    entk/seconds/kernel              the kernel (capture, factors, Gram products)
-    entk/seconds/spectrum            its eigendecomposition and cliffs
-    entk/seconds/signals             labels' signals, velocity, groups' figures, overlaps
-    entk/<group>/...                 with parameter groups: each group's own figures
-
-The monitor adds ``entk/seconds/logging`` and ``entk/seconds/images``.
+The scalars are those of a full evaluation in :mod:`lightning_entk.monitor.keys`.
 
 The spectrum, kernel regression and alignment are solved in the dtype the kernel was computed
 in (float32 for a float32 model), not in float64: the kernel's own round-off is as large as
@@ -35,7 +14,6 @@ kernel-target alignment within 4e-5; 1.7x faster than float64.
 from __future__ import annotations
 
 import itertools
-import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -46,16 +24,9 @@ from torch import Tensor, nn
 
 from lightning_entk.alignment import orthonormal_basis, orthonormal_overlap
 from lightning_entk.cliffs import FLOAT32_ROUND_OFF, Cliff, find_cliffs
-from lightning_entk.kernel import (
-    Groups,
-    NTKPlan,
-    OutputFn,
-    ParamSelection,
-    compute_dtype,
-    empirical_ntk,
-)
-from lightning_entk.kernel.points import ForwardFn
-from lightning_entk.probe import ProbeSet, kernel_memory_bytes
+from lightning_entk.kernel import KernelOptions, MemoryBudget, NTKPlan, compute_dtype, empirical_ntk
+from lightning_entk.monitor import keys
+from lightning_entk.probe import ProbeSet
 from lightning_entk.spectrum import Spectrum
 
 TOP_EIGENVALUES = 5
@@ -87,13 +58,11 @@ class Evaluation:
     kernel: Tensor | None = None
 
 
-def points_within_budget(
-    plan: NTKPlan, memory_budget: int, rows_per_point: int = 1, num_groups: int = 0
-) -> int:
+def points_within_budget(plan: NTKPlan, memory_budget: int, rows_per_point: int = 1) -> int:
     """The most probe points (at most the plan's) whose evaluation is predicted to fit
-    ``memory_budget``: the kernel's own work (:meth:`NTKPlan.peak_bytes`) plus its dense
-    eigendecomposition and the kernels of ``num_groups`` parameter groups
-    (:func:`~lightning_entk.probe.kernel_memory_bytes`).
+    ``memory_budget``: the kernel's own work (:meth:`NTKPlan.peak_bytes`, planned with the
+    engine's share of the budget) plus its dense eigendecomposition and the kernels of the
+    plan's parameter groups (:meth:`~lightning_entk.kernel.MemoryBudget.dense_kernel_bytes`).
 
     Example:
         >>> import torch
@@ -106,7 +75,8 @@ def points_within_budget(
     """
 
     def need(n: int) -> int:
-        return plan.peak_bytes(n) + kernel_memory_bytes(n * rows_per_point, num_groups)
+        dense = MemoryBudget.dense_kernel_bytes(n * rows_per_point, plan.num_groups)
+        return plan.peak_bytes(n) + dense
 
     lo, hi = 0, plan.num_points
     while lo < hi:
@@ -116,11 +86,7 @@ def points_within_budget(
 
 
 def probe_within_budget(
-    probe: ProbeSet,
-    plan: NTKPlan,
-    memory_budget: int,
-    rows_per_point: int = 1,
-    num_groups: int = 0,
+    probe: ProbeSet, plan: NTKPlan, memory_budget: int, rows_per_point: int = 1
 ) -> tuple[ProbeSet, str | None]:
     """``probe``, or its largest seeded subset whose evaluation is predicted to fit
     ``memory_budget`` (:func:`points_within_budget`) with a warning that says so.
@@ -128,7 +94,7 @@ def probe_within_budget(
     Raises:
         ValueError: if not even two points fit.
     """
-    fits = points_within_budget(plan, memory_budget, rows_per_point, num_groups)
+    fits = points_within_budget(plan, memory_budget, rows_per_point)
     if fits >= len(probe):
         return probe, None
     mib = memory_budget / 2**20
@@ -153,49 +119,30 @@ def evaluate(
     probe: ProbeSet,
     *,
     mode: str = "trace",
-    params: ParamSelection = None,
-    output_fn: OutputFn = None,
-    output_weights: Tensor | None = None,
-    output_projections: int | None = None,
-    forward_fn: ForwardFn = None,
-    method: str = "auto",
-    memory_budget: int | None = None,
+    options: KernelOptions | None = None,
     previous_kernel: Tensor | None = None,
     features: Mapping[str, Tensor] | None = None,
     cliff_options: Mapping[str, object] | None = None,
     keep_eigenvectors: bool = False,
     kernel: Tensor | None = None,
-    groups: Groups = None,
 ) -> Evaluation:
     """Compute the eNTK of ``model`` on ``probe`` and everything the monitor logs about it.
 
-    ``kernel``: the eNTK of the probe set in ``mode`` when the caller has it already (e.g.
-    assembled from row blocks computed by several processes); computed here when ``None``.
-    ``groups``: parameter groups (see :func:`~lightning_entk.empirical_ntk`) whose kernels,
-    from the same pass, get their own spectrum, cliffs and label signals under
-    ``entk/<group>/...`` (not with a given ``kernel``), in the order of the model's parameters
-    (the early warning takes the last group as the readout).
+    ``options``: how the kernel is computed (:class:`~lightning_entk.kernel.KernelOptions`);
+    its parameter groups' kernels, from the same pass, get their own spectrum, cliffs and label
+    signals under ``entk/<group>/...``. ``kernel``: the eNTK of the probe set in ``mode`` when
+    the caller has it already (e.g. assembled from row blocks computed by several processes;
+    then without groups); computed here when ``None``.
 
     Raises:
         FloatingPointError: if the kernel is not finite (the caller skips the evaluation).
     """
     start = time.perf_counter()
+    options = options or KernelOptions()
     parts: dict[str, Tensor] = {}
     if kernel is None:
-        kernel = empirical_ntk(
-            model,
-            probe.x,
-            mode=mode,
-            params=params,
-            output_fn=output_fn,
-            output_weights=output_weights,
-            output_projections=output_projections,
-            forward_fn=forward_fn,
-            method=method,
-            memory_budget=memory_budget,
-            groups=groups,
-        )
-        if groups is not None:
+        kernel = empirical_ntk(model, probe.x, mode=mode, options=options)
+        if options.groups is not None:
             parts, kernel = kernel, sum(kernel.values())
             if len(parts) == 1:  # the whole kernel again
                 parts = {}
@@ -212,21 +159,19 @@ def evaluate(
     eigenvalues = spectrum.eigenvalues.to(torch.float64).cpu().numpy()
     for group, part in parts.items():
         _, _, group_metrics = kernel_metrics(part.to(dtype), probe, mode, cliff_options, rtol)
-        metrics.update(
-            {f"entk/{group}/{k.removeprefix('entk/')}": v for k, v in group_metrics.items()}
-        )
+        metrics.update({keys.of_group(group, k): v for k, v in group_metrics.items()})
     if previous_kernel is not None:
-        metrics["entk/kernel_velocity"] = kernel_velocity(previous_kernel, kernel)
+        metrics[keys.KERNEL_VELOCITY] = kernel_velocity(previous_kernel, kernel)
     overlaps = {}
     if features:
         overlaps = segment_overlaps(spectrum.eigenvectors, cliffs, features)
         for family, values in overlaps.items():
-            metrics[f"entk/overlap/{family}"] = max(values)
+            metrics[keys.overlap(family)] = max(values)
     done = time.perf_counter()
-    metrics["entk/seconds"] = done - start
-    metrics["entk/seconds/kernel"] = kernel_done - start
-    metrics["entk/seconds/spectrum"] = spectrum_done - kernel_done
-    metrics["entk/seconds/signals"] = done - spectrum_done
+    metrics[keys.SECONDS] = done - start
+    metrics[keys.SECONDS_KERNEL] = kernel_done - start
+    metrics[keys.SECONDS_SPECTRUM] = spectrum_done - kernel_done
+    metrics[keys.SECONDS_SIGNALS] = done - spectrum_done
     return Evaluation(
         eigenvalues=eigenvalues,
         cliffs=cliffs,
@@ -269,14 +214,14 @@ def label_metrics(kernel: Tensor, probe: ProbeSet, mode: str, rtol: float) -> di
     metrics = {}
     if probe.y is not None and mode == "trace":
         targets = torch.nn.functional.one_hot(probe.y.to(kernel.device).long()).to(kernel.dtype)
-        metrics["entk/kernel_target_alignment"] = kernel_target_alignment(kernel, targets)
+        metrics[keys.KERNEL_TARGET_ALIGNMENT] = kernel_target_alignment(kernel, targets)
         if probe.heldout is not None:
             heldout = probe.heldout.to(kernel.device)
-            metrics["entk/kernel_regression_acc"] = kernel_regression_accuracy(
+            metrics[keys.KERNEL_REGRESSION_ACC] = kernel_regression_accuracy(
                 kernel, targets, heldout, rtol=rtol
             )
             if int(heldout.sum()) >= MIN_DEBIASED_POINTS:
-                metrics["entk/heldout_alignment"] = debiased_alignment(
+                metrics[keys.HELDOUT_ALIGNMENT] = debiased_alignment(
                     kernel[heldout][:, heldout], targets[heldout]
                 )
     return metrics
@@ -286,15 +231,15 @@ def spectrum_metrics(spectrum: Spectrum, cliffs: list[Cliff]) -> dict[str, float
     """Scalars of a spectrum and its cliffs (keys of the module docstring)."""
     values = spectrum.eigenvalues
     metrics = {
-        "entk/num_cliffs": float(len(cliffs)),
-        "entk/effective_rank": spectrum.effective_rank(),
-        "entk/trace": float(values.clamp(min=0).sum()),
+        keys.NUM_CLIFFS: float(len(cliffs)),
+        keys.EFFECTIVE_RANK: spectrum.effective_rank(),
+        keys.TRACE: float(values.clamp(min=0).sum()),
     }
     for j in range(min(TOP_EIGENVALUES, len(values))):
-        metrics[f"entk/eigenvalue/top{j + 1}"] = float(values[j])
+        metrics[keys.eigenvalue_top(j + 1)] = float(values[j])
     for i, cliff in enumerate(cliffs, start=1):
-        metrics[f"entk/cliff_rank/{i}"] = float(cliff.rank)
-        metrics[f"entk/cliff_drop/{i}"] = float(cliff.drop)
+        metrics[keys.cliff_rank(i)] = float(cliff.rank)
+        metrics[keys.cliff_drop(i)] = float(cliff.drop)
     return metrics
 
 
@@ -383,49 +328,3 @@ def segment_overlaps(
             orthonormal_overlap(vectors[:, lo:hi], basis) for lo, hi in itertools.pairwise(edges)
         ] or [0.0]
     return overlaps
-
-
-def tensorboard_layout(accuracy_key: str | None, per_group: bool = False) -> dict:
-    """TensorBoard's Custom Scalars layout of the monitor's charts: the network's accuracy
-    (``accuracy_key``) and eNTK kernel regression in one chart, then the cliffs, the top
-    eigenvalues, and alignment and velocity; with ``per_group``, the same signals of every
-    parameter group, one line per group. Tags are regular expressions (matched from the start
-    of a tag, as TensorBoard does)."""
-    accuracy = [f"{re.escape(accuracy_key)}$"] if accuracy_key else []
-    groups = {
-        "eNTK per parameter group": {
-            "accuracy: network and each group's kernel regression": [
-                "Multiline",
-                [*accuracy, r"entk/[^/]+/kernel_regression_acc$"],
-            ],
-            "kernel-target alignment of each group, on all and on held-out probe points": [
-                "Multiline",
-                [r"entk/[^/]+/kernel_target_alignment$", r"entk/[^/]+/heldout_alignment$"],
-            ],
-            "top eigenvalue of each group": ["Multiline", [r"entk/[^/]+/eigenvalue/top1$"]],
-            "cliffs found in each group": ["Multiline", [r"entk/[^/]+/num_cliffs$"]],
-        }
-    }
-    return {
-        "eNTK monitor": {
-            "accuracy: network and eNTK kernel regression": [
-                "Multiline",
-                [*accuracy, r"entk/kernel_regression_acc$"],
-            ],
-            "cliffs found and phase-transition signals so far": [
-                "Multiline",
-                [r"entk/num_cliffs$", r"entk/transitions$"],
-            ],
-            "cliff ranks (eigenvalues above each cliff)": ["Multiline", [r"entk/cliff_rank/\d+$"]],
-            "top eigenvalues": ["Multiline", [r"entk/eigenvalue/top\d+$"]],
-            "kernel-target alignment (all and held-out probe points) and kernel velocity": [
-                "Multiline",
-                [
-                    r"entk/kernel_target_alignment$",
-                    r"entk/heldout_alignment$",
-                    r"entk/kernel_velocity$",
-                ],
-            ],
-        },
-        **(groups if per_group else {}),
-    }

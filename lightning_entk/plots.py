@@ -25,6 +25,7 @@ from matplotlib.ticker import FormatStrFormatter
 from matplotlib.transforms import blended_transform_factory
 
 from lightning_entk.alignment import feature_alignment
+from lightning_entk.monitor import keys
 
 FIGSIZE = (8.0, 5.0)  # inches; at DPI a 800 x 500 image, legible in TensorBoard's image panel
 DPI = 100
@@ -195,19 +196,31 @@ def _cell_edges(centres: np.ndarray) -> np.ndarray:
     return np.concatenate([[centres[0] - first], mid, [centres[-1] + last]])
 
 
-def _accuracy_series(accuracy, accuracy_label: str, length: int) -> dict[str, np.ndarray]:
+def _accuracy_series(
+    accuracy, accuracy_label: str, epochs: np.ndarray
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each curve as ``(x, y)``: a ``(T,)`` array is at the evaluations' ``epochs``; a pair
+    ``(x, y)`` has its own epochs (a metric read at every epoch)."""
     if accuracy is None:
         return {}
     series = accuracy if isinstance(accuracy, Mapping) else {accuracy_label: accuracy}
     result = {}
     for label, values in series.items():
-        array = _as_float_array(f"accuracy[{label!r}]", values, 1)
-        if len(array) != length:
-            raise ValueError(
-                f"`accuracy[{label!r}]` must have one value per evaluation ({length}), got "
-                f"{len(array)}."
-            )
-        result[str(label)] = array
+        if isinstance(values, tuple) and len(values) == 2:
+            x = _as_float_array(f"accuracy[{label!r}][0]", values[0], 1)
+            y = _as_float_array(f"accuracy[{label!r}][1]", values[1], 1)
+            if len(x) != len(y):
+                raise ValueError(
+                    f"`accuracy[{label!r}]` as (x, y) needs equal lengths, got {len(x)}, {len(y)}."
+                )
+        else:
+            x, y = epochs, _as_float_array(f"accuracy[{label!r}]", values, 1)
+            if len(y) != len(epochs):
+                raise ValueError(
+                    f"`accuracy[{label!r}]` must have one value per evaluation ({len(epochs)}), "
+                    f"got {len(y)}."
+                )
+        result[str(label)] = (x, y)
     return result
 
 
@@ -234,7 +247,8 @@ def plot_spectrum_evolution(
         epochs: ``(T,)`` the epoch of each evaluation, non-decreasing.
         eigenvalues: ``(T, k)`` top-k eigenvalues per evaluation, descending, NaN-padded.
         cliffs_per_eval: T lists of objects with ``.rank`` (and ``.drop``).
-        accuracy: ``(T,)`` values, or a dict ``label -> (T,)``; NaN where not measured.
+        accuracy: ``(T,)`` values, or a dict ``label -> (T,)`` or ``label -> (x, y)`` (a
+            series with its own epochs, e.g. read at every epoch); NaN where not measured.
         accuracy_label: the legend label of a single accuracy array.
         transitions: objects with ``.epoch`` and ``.kind``.
         max_index: show eigenvalues ``1..max_index`` only. About twice the deepest cliff's rank
@@ -262,7 +276,7 @@ def plot_spectrum_evolution(
             f"`cliffs_per_eval` must hold one list of cliffs per evaluation ({n_evals}), got "
             f"{len(cliffs_per_eval)}."
         )
-    curves = _accuracy_series(accuracy, accuracy_label, n_evals)
+    curves = _accuracy_series(accuracy, accuracy_label, epochs_)
     transitions = list(transitions)
     _check_max_index(max_index)
     values = values[:, :max_index]
@@ -330,11 +344,14 @@ def plot_spectrum_evolution(
     bottom = fig.add_subplot(grid[1, 0], sharex=ax) if curves else ax
     if curves:
         ax.tick_params(labelbottom=False)
-        for label, series in curves.items():
-            finite = np.isfinite(series)
-            bottom.plot(epochs_[finite], series[finite], marker=".", markersize=4, label=label)
-        bottom.set_ylim(-0.03, 1.03)
-        bottom.set_ylabel("accuracy")
+        for label, (x, y) in curves.items():
+            finite = np.isfinite(y) & np.isfinite(x)
+            dense = finite.sum() > 3 * n_evals  # a series read every epoch: a line
+            bottom.plot(x[finite], y[finite], marker=None if dense else ".", markersize=4,
+                        label=label)  # fmt: skip
+        lowest = min([-0.03, *(np.nanmin(y) - 0.03 for _, y in curves.values() if np.isfinite(y).any())])
+        bottom.set_ylim(lowest, 1.03)
+        bottom.set_ylabel("accuracy, alignment")
         bottom.grid(True, alpha=0.3)
     bottom.set_xlabel("epoch")
     for i, transition in enumerate(transitions):
@@ -444,24 +461,41 @@ def plot_alignment(
     return fig
 
 
-def plot_history(history: Sequence, accuracy_key: str | None, transitions: Iterable = ()) -> Figure:
-    """:func:`plot_spectrum_evolution` of a monitor's history (records with ``.epoch``,
-    ``.eigenvalues``, ``.cliffs`` and ``.metrics``): the network's ``accuracy_key`` and eNTK
-    kernel regression below, where measured."""
+def plot_history(
+    history: Sequence,
+    accuracy_key: str | None,
+    transitions: Iterable = (),
+    readings: Sequence = (),
+    watched: Mapping[int, float] | None = None,
+) -> Figure:
+    """:func:`plot_spectrum_evolution` of a monitor's full evaluations (records with
+    ``.epoch``, ``.eigenvalues``, ``.cliffs`` and ``.metrics``); below, the network's
+    ``accuracy_key`` (at every epoch of ``watched``, epoch -> value, else at the
+    evaluations), the sentinel's readout alignment at every reading (``readings``) and eNTK
+    kernel regression at the evaluations, where measured."""
     k = max(len(r.eigenvalues) for r in history)
     values = np.full((len(history), k), np.nan)
     for i, r in enumerate(history):
         values[i, : len(r.eigenvalues)] = r.eigenvalues
-    accuracy = {}
-    for key in (accuracy_key, "entk/kernel_regression_acc"):
+    curves = {}
+    if accuracy_key and watched:
+        epochs = sorted(watched)
+        curves[accuracy_key] = (np.array(epochs, float), np.array([watched[e] for e in epochs]))
+    alignment = [(r.epoch, r.metrics[keys.SENTINEL_ALIGNMENT]) for r in readings
+                 if keys.SENTINEL_ALIGNMENT in r.metrics]  # fmt: skip
+    if alignment:
+        x, y = (np.array(v, dtype=float) for v in zip(*alignment, strict=True))
+        curves["readout's held-out alignment (sentinel)"] = (x, y)
+    for key in (None if watched else accuracy_key, keys.KERNEL_REGRESSION_ACC):
         series = np.array([r.metrics.get(key, np.nan) for r in history], dtype=float)
         if key and not np.isnan(series).all():
-            accuracy[key] = series
+            label = "eNTK kernel regression" if key == keys.KERNEL_REGRESSION_ACC else key
+            curves[label] = series
     return plot_spectrum_evolution(
         [r.epoch for r in history],
         values,
         [r.cliffs for r in history],
-        accuracy=accuracy or None,
+        accuracy=curves or None,
         transitions=transitions,
     )
 
@@ -479,45 +513,18 @@ def plot_evaluation(
     |cosine| of the top eigenvectors (twice the deepest cliff's rank, at least 16) with each
     family (cos/sin pairs of one frequency combined when ``pairs``)."""
     figures = {
-        "entk/spectrum": plot_spectrum(eigenvalues, cliffs, title=f"eNTK spectrum, epoch {epoch}")
+        keys.SPECTRUM_IMAGE: plot_spectrum(
+            eigenvalues, cliffs, title=f"eNTK spectrum, epoch {epoch}"
+        )
     }
     if not features or eigenvectors is None:
         return figures
     k = min(eigenvectors.shape[1], max(2 * max([c.rank for c in cliffs], default=0), 16))
     for family, values in features.items():
-        figures[f"entk/alignment/{family}"] = plot_alignment(
+        figures[keys.alignment_image(family)] = plot_alignment(
             feature_alignment(eigenvectors[:, :k], values, pairs=pairs),
             title=f"|cos| of eigenvectors with features '{family}'",
             col_label="frequency (cos and sin combined)" if pairs else "feature index",
             cliffs=cliffs,
         )
     return figures
-
-
-def add_histogram(writer, step: int, eigenvalues: np.ndarray) -> None:
-    """The histogram of an evaluation's log10 eigenvalues (the positive ones), to a
-    TensorBoard ``SummaryWriter``."""
-    positive = eigenvalues[eigenvalues > 0]
-    if positive.size:
-        writer.add_histogram("entk/log10_eigenvalues", np.log10(positive), step)
-
-
-def add_images(
-    writer,
-    step: int,
-    eigenvalues: np.ndarray,
-    cliffs: Sequence,
-    *,
-    epoch: int,
-    eigenvectors: torch.Tensor | None = None,
-    features: Mapping[str, torch.Tensor] | None = None,
-    pairs: bool = False,
-    evolution: Figure | None = None,
-) -> None:
-    """The figures of :func:`plot_evaluation` (and the spectrum's ``evolution``, e.g.
-    :func:`plot_history`) as images to a TensorBoard ``SummaryWriter``."""
-    figures = plot_evaluation(eigenvalues, cliffs, epoch, eigenvectors, features, pairs)
-    if evolution is not None:
-        figures["entk/spectrum_evolution"] = evolution
-    for tag, figure in figures.items():
-        writer.add_image(tag, figure_to_array(figure), step, dataformats="HWC")

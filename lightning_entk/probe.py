@@ -332,10 +332,3 @@ def _class_labels(y: Tensor | None) -> Tensor | None:
     if y is None or y.is_floating_point() or y.is_complex() or y.ndim != 1:
         return None
     return y
-
-
-def kernel_memory_bytes(rows: int, num_groups: int = 0) -> int:
-    """Memory of one evaluation's dense kernel work: the kernel in its own dtype, a float64 copy,
-    eigenvectors and the previous kernel kept for velocity, and the kernels of ``num_groups``
-    parameter groups: about 4 + ``num_groups`` R^2 float64 entries."""
-    return (4 + num_groups) * 8 * rows**2

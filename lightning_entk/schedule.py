@@ -1,45 +1,52 @@
-"""When the monitor evaluates: a fixed cadence, or a time budget spent where the kernel moves.
+"""When the monitor makes a full evaluation: a fixed cadence, or a time budget spent where the
+sentinel and the kernel move. Both behind one interface, :class:`Schedule`, read against one
+:class:`Clock`.
 
-Both are pure objects of measured quantities (optimizer steps, completed epochs, wall-clock
-seconds and the evaluations' ``entk/`` scalars); the callback asks one at each candidate point
-(the end of a training batch, the end of an epoch) and tells it what each evaluation found and
-cost. The first evaluation (at initialization) and the last (at the end of fit) are the
-callback's and always happen.
+The monitor's core asks the schedule at each candidate point (the end of a training batch, the
+end of an epoch) whether a full evaluation is :meth:`~Schedule.due` (a pure function of the
+step, the same on every process) and, if so, whether the budget :meth:`~Schedule.allows` it
+(rank 0 decides; the decision and the schedule's state are shared). It tells the schedule what
+each sentinel reading found (:meth:`~Schedule.observe`) and what each full evaluation found
+and cost (:meth:`~Schedule.record`). The first evaluation (at initialization) and the last (at
+the end of training) are the core's and always happen.
 
-:class:`TimeBudget` (the monitor's default) keeps the monitor's wall time near
-``max_overhead`` times the training's, measured as the run goes, and spends it where the
-signals move. After each evaluation it sets the gap to the next, in optimizer steps, like the
-step size of an adaptive ODE solver: the largest change seen since the last evaluation (the
-kernel's velocity, or the change of kernel regression accuracy or kernel-target alignment, of
-the whole kernel or of a parameter group's) against ``tolerance``:
+:class:`TimeBudget` (the default) keeps the monitor's wall time, sentinel readings included,
+near ``max_overhead`` times the training's, measured as the run goes, and spends what the
+sentinel leaves where the signals move. After each full evaluation it sets the gap to the
+next, in optimizer steps, like the step size of an adaptive ODE solver: the largest change
+seen since the last evaluation (the kernel's velocity, or the change of kernel regression
+accuracy or kernel-target alignment, of the whole kernel or of a parameter group's) against
+``tolerance``:
 
     gap <- max(steps since the last evaluation * min(tolerance / change, 2), 1)
 
 so the gap shrinks at once where the kernel moves by more than ``tolerance`` per evaluation
-and doubles on quiet stretches, up to ``QUIET_PACE`` times the even pace the budget affords
-(an evaluation's cost over ``max_overhead`` times the training seconds per step): what a quiet
-stretch leaves unspent pays for dense evaluations where the signals move, and no stretch is
-slept through. When an evaluation falls due, it is made if the budget allows it:
+and doubles on quiet stretches, up to ``QUIET_PACE`` times the even pace the budget affords.
+Between full evaluations the sentinel watches: when its readout alignment has moved by more
+than ``tolerance`` since the last full evaluation, the next full evaluation is due at once.
+When an evaluation falls due, it is made if the budget allows it:
 
     spent + cost + cost <= max_overhead * trained + burst * cost
 
-``spent``: the monitor's seconds so far, the first evaluation's included; ``trained``: training
-seconds so far (wall time outside the monitor); ``cost``: the median of the last three
-evaluations, counted twice: this one, and the one at the end of fit, which is always made and
-so is set aside from the start. While the last change exceeded ``tolerance``, ``burst``
-evaluations may be spent ahead of the budget (none otherwise), to be paid back on quiet
-stretches. When the budget does not allow it, the evaluation waits for the step at which, at
-the training speed measured so far, it will (asking again before then: the first steps' speed
-is a poor guide to the rest).
-Under several processes, rank 0 decides and the decision is shared, so that every rank
-evaluates at the same steps.
+``spent``: the monitor's seconds so far (the sentinel's, the first evaluation's, images);
+``trained``: training seconds so far (wall time outside the monitor); ``cost``: the median of
+the last three evaluations, counted twice: this one, and the one at the end of training, which
+is always made and so is set aside from the start. While the signals move, ``burst``
+evaluations may be spent ahead of the budget, to be paid back on quiet stretches. When the
+budget does not allow it, the evaluation waits for the step at which, at the training speed
+measured so far, it will.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Protocol
+
+from lightning_entk.monitor import keys
 
 # The signals whose change sets the gap: the key itself or ``entk/<group>/<signal>``.
 MOVING_SIGNALS = ("kernel_regression_acc", "kernel_target_alignment")
@@ -47,8 +54,75 @@ VELOCITY = "kernel_velocity"
 QUIET_PACE = 2  # on quiet stretches, gaps up to this many times the budget's even pace
 
 
+class Clock:
+    """The monitor's one clock: wall time since training started, split into the monitor's
+    seconds (by kind: ``sentinel``, ``evaluation``, ``images``, ...) and training's.
+
+    Example:
+        >>> ticks = iter([0.0, 2.0, 2.5, 10.0])
+        >>> clock = Clock(lambda: next(ticks))
+        >>> clock.start()
+        >>> with clock.charge("sentinel"):
+        ...     pass
+        >>> clock.training_seconds(), clock.monitor_seconds
+        (9.5, 0.5)
+    """
+
+    def __init__(self, now: Callable[[], float] = time.perf_counter) -> None:
+        self.now = now
+        self.started: float | None = None
+        self.spent: dict[str, float] = {}
+
+    def start(self) -> None:
+        """Training starts now (only the first call counts)."""
+        if self.started is None:
+            self.started = self.now()
+
+    @contextlib.contextmanager
+    def charge(self, kind: str) -> Iterator[None]:
+        """Count the seconds inside as the monitor's, of ``kind``."""
+        began = self.now()
+        try:
+            yield
+        finally:
+            self.spent[kind] = self.spent.get(kind, 0.0) + self.now() - began
+
+    @property
+    def monitor_seconds(self) -> float:
+        return sum(self.spent.values())
+
+    def training_seconds(self) -> float:
+        """Wall time since the start outside the monitor."""
+        if self.started is None:
+            return 0.0
+        return max(self.now() - self.started - self.monitor_seconds, 0.0)
+
+    def restart(self) -> None:
+        """Count afresh (after a resume in another process: its clock is not this one's)."""
+        self.started, self.spent = None, {}
+
+
+class Schedule(Protocol):
+    """When full evaluations are made (see the module docstring)."""
+
+    def due(self, step: int, epoch: int, epoch_end: bool) -> bool: ...
+
+    def allows(self, step: int, clock: Clock) -> bool: ...
+
+    def observe(self, step: int, signals: Mapping[str, float]) -> None: ...
+
+    def record(self, step: int, cost: float, metrics: Mapping[str, float], clock: Clock): ...
+
+    def affords(self, seconds: float, clock: Clock) -> bool: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
 class FixedCadence:
-    """Evaluate at the end of every n-th epoch and/or after every n-th optimizer step.
+    """Full evaluations at the end of every n-th epoch and/or after every n-th optimizer step,
+    whatever they cost.
 
     Example:
         >>> cadence = FixedCadence(every_n_epochs=5)
@@ -57,17 +131,36 @@ class FixedCadence:
     """
 
     def __init__(self, every_n_epochs: int | None = None, every_n_train_steps: int | None = None):
+        for name, value in (
+            ("every_n_epochs", every_n_epochs),
+            ("every_n_train_steps", every_n_train_steps),
+        ):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ValueError(f"`{name}` must be a positive int or None, got {value!r}.")
         self.every_n_epochs = every_n_epochs
         self.every_n_train_steps = every_n_train_steps
 
     def due(self, step: int, epoch: int, epoch_end: bool) -> bool:
         """At ``step`` optimizer steps and ``epoch`` completed epochs (at an epoch's end when
-        ``epoch_end``, else after a training batch; the callback asks about an epoch's last
-        batch at the epoch's end)."""
+        ``epoch_end``, else after a training batch)."""
         by_steps = bool(self.every_n_train_steps) and step % self.every_n_train_steps == 0
         if epoch_end:
             return by_steps or (bool(self.every_n_epochs) and epoch % self.every_n_epochs == 0)
         return by_steps
+
+    def allows(self, step: int, clock: Clock) -> bool:
+        return True
+
+    def observe(self, step: int, signals: Mapping[str, float]) -> None:
+        pass
+
+    def record(self, step: int, cost: float, metrics: Mapping[str, float], clock: Clock):
+        pass
+
+    def affords(self, seconds: float, clock: Clock) -> bool:
+        return True
 
     def state_dict(self) -> dict:
         return {}
@@ -77,13 +170,16 @@ class FixedCadence:
 
 
 class TimeBudget:
-    """Evaluations paced by a share of the training time and placed where the kernel moves
-    (see the module docstring).
+    """Full evaluations paced by a share of the training time and placed where the sentinel
+    and the kernel move (see the module docstring).
 
     Args:
-        max_overhead: the monitor's wall time as a share of training's, e.g. 0.2: at most 20%
-            on top of training (over a run; ``burst`` evaluations may come early).
-        tolerance: the change of a signal per evaluation that keeps the gap as it is.
+        max_overhead: the monitor's wall time (sentinel readings included) as a share of
+            training's, e.g. 0.2: at most 20% on top of training (over a run; ``burst``
+            evaluations may come early).
+        tolerance: the change of a signal per evaluation that keeps the gap as it is; a
+            sentinel reading that moved this far since the last full evaluation makes the
+            next one due.
         burst: evaluations that may be spent ahead of the budget while the signals move by
             more than ``tolerance`` per evaluation.
 
@@ -91,14 +187,19 @@ class TimeBudget:
         ValueError: for arguments out of range.
 
     Example:
-        >>> budget = TimeBudget(max_overhead=0.2)
-        >>> budget.start(now=0.0)
-        >>> budget.record(step=0, began=0.0, ended=1.0, metrics={})  # at initialization
+        >>> now = [0.0]
+        >>> clock, budget = Clock(lambda: now[0]), TimeBudget(max_overhead=0.2)
+        >>> clock.start()
+        >>> with clock.charge("evaluation"):  # at initialization: one second
+        ...     now[0] = 1.0
+        >>> budget.record(step=0, cost=1.0, metrics={}, clock=clock)
         >>> budget.next_step
         1
-        >>> budget.allows(step=1, now=6.0)  # 5 s trained: 20% of it pays no three evaluations
+        >>> now[0] = 6.0  # 5 s trained: 20% of it pays no three evaluations
+        >>> budget.allows(step=1, clock=clock)
         False
-        >>> budget.allows(step=50, now=16.0)  # 15 s: the first, this one, the one at the end
+        >>> now[0] = 16.0  # 15 s: the first, this one, the one at the end
+        >>> budget.allows(step=50, clock=clock)
         True
     """
 
@@ -116,13 +217,12 @@ class TimeBudget:
     @staticmethod
     def _fresh_state() -> dict:
         return {
-            "started": None,  # clock at the start of training
-            "spent": 0.0,  # the monitor's seconds, every evaluation's (images included)
-            "costs": [],  # seconds of each evaluation
+            "costs": [],  # seconds of each full evaluation
             "gap": 1.0,  # steps to the next evaluation, before the budget
             "next_step": 1,
             "last_step": None,
             "signals": {},  # the previous evaluation's moving signals
+            "sentinel": {},  # the sentinel's signals at the previous evaluation
             "moving": False,  # whether they changed by more than ``tolerance`` last time
         }
 
@@ -131,30 +231,20 @@ class TimeBudget:
         """The step from which the next evaluation is due."""
         return self._state["next_step"]
 
-    def start(self, now: float) -> None:
-        """Training starts at clock ``now`` (seconds); only the first call counts."""
-        if self._state["started"] is None:
-            self._state["started"] = now
-
     def due(self, step: int, epoch: int, epoch_end: bool) -> bool:
         return step >= self._state["next_step"]
 
-    def trained(self, now: float) -> float:
-        """Training seconds by clock ``now``: wall time since the start outside the monitor."""
-        started = self._state["started"]
-        return 0.0 if started is None else max(now - started - self._state["spent"], 0.0)
-
-    def allows(self, step: int, now: float) -> bool:
-        """Whether the budget allows an evaluation at ``step`` and clock ``now``; if not, the
-        next evaluation is put off to the step at which it will (at the speed trained so far)."""
+    def allows(self, step: int, clock: Clock) -> bool:
+        """Whether the budget allows an evaluation at ``step``; if not, the next evaluation is
+        put off to the step at which it will (at the speed trained so far)."""
         state = self._state
         if not state["costs"]:
             return True
         cost = self._cost()
-        trained = self.trained(now)
+        trained = clock.training_seconds()
         burst = self.burst if state["moving"] else 0
-        reserve = cost  # for the evaluation at the end of fit
-        short = state["spent"] + cost + reserve - self.max_overhead * trained - burst * cost
+        reserve = cost  # for the evaluation at the end of training
+        short = clock.monitor_seconds + cost + reserve - self.max_overhead * trained - burst * cost
         if short <= 0:
             return True
         per_step = trained / max(step, 1)
@@ -163,33 +253,43 @@ class TimeBudget:
         state["next_step"] = step + max(min(wait, step // 4), 1)
         return False
 
-    def affords(self, seconds: float, now: float) -> bool:
-        """Whether ``seconds`` more of monitor work (drawing images, part of the evaluation
-        that pays for it) fit the budget, burst and reserve left aside."""
-        spent = self._state["spent"] + seconds
-        return spent <= self.max_overhead * self.trained(now)
+    def affords(self, seconds: float, clock: Clock) -> bool:
+        """Whether ``seconds`` more of monitor work (drawing images) fit the budget."""
+        return clock.monitor_seconds + seconds <= self.max_overhead * clock.training_seconds()
 
-    def record(self, step: int, began: float, ended: float, metrics: Mapping[str, float]):
-        """An evaluation at ``step`` took clock ``began`` to ``ended`` and found ``metrics``
-        (its ``entk/`` scalars): charge it and set the next evaluation's step."""
+    def observe(self, step: int, signals: Mapping[str, float]) -> None:
+        """A sentinel reading at ``step`` found ``signals``: when one has moved by more than
+        ``tolerance`` since the last full evaluation, the next is due now."""
         state = self._state
-        seconds = max(ended - began, 0.0)
+        change = signal_change(state["sentinel"], signals, differences_only=True)
+        if state["last_step"] is None or not state["sentinel"]:
+            state["sentinel"] = dict(signals)
+        elif change is not None and change > self.tolerance:
+            state["next_step"] = min(state["next_step"], step)
+            state["moving"] = True
+
+    def record(self, step: int, cost: float, metrics: Mapping[str, float], clock: Clock):
+        """A full evaluation at ``step`` cost ``cost`` seconds (already on the ``clock``) and
+        found ``metrics`` (its ``entk/`` scalars, and the latest sentinel's): set the next
+        evaluation's step."""
+        state = self._state
         first = state["last_step"] is None
-        state["spent"] += seconds
-        state["costs"].append(seconds)
+        state["costs"].append(max(cost, 0.0))
         signals = moving_signals(metrics)
+        sentinel = {k: v for k, v in signals.items() if k == keys.SENTINEL_ALIGNMENT}
         change = signal_change(state["signals"], signals)
         state["moving"] = not first and change is not None and change > self.tolerance
         if not first and change is not None:
             factor = 2.0 if change == 0 else min(self.tolerance / change, 2.0)
             state["gap"] = max((step - state["last_step"]) * factor, 1.0)
-        trained = self.trained(ended)
+        trained = clock.training_seconds()
         if not first and trained > 0 and step > 0:
             # The even pace the budget affords; quiet stretches wait at most QUIET_PACE times
             # as long (saving for where the signals move), so no transition is slept through.
             pace = self._cost() / (self.max_overhead * trained / step)
             state["gap"] = min(state["gap"], max(QUIET_PACE * pace, 1.0))
         state["signals"] = signals
+        state["sentinel"] = sentinel or state["sentinel"]
         state["last_step"] = step
         state["next_step"] = step + round(state["gap"])
 
@@ -203,26 +303,28 @@ class TimeBudget:
     def load_state_dict(self, state: dict) -> None:
         self._state = {**self._fresh_state(), **state}
 
-    def restart_clock(self) -> None:
-        """Count seconds afresh (after a resume in a new process): the budget's account is
-        closed, the gap, the costs and the next step are kept."""
-        self._state.update(started=None, spent=0.0)
-
 
 def moving_signals(metrics: Mapping[str, float]) -> dict[str, float]:
-    """The scalars whose change sets :class:`TimeBudget`'s gap, of the whole kernel and of
-    each parameter group."""
+    """The scalars whose change sets :class:`TimeBudget`'s gap, of the whole kernel, of each
+    parameter group and of the sentinel."""
     names = (*MOVING_SIGNALS, VELOCITY)
-    return {
+    found = {
         k: float(v)
         for k, v in metrics.items()
-        if k.startswith("entk/") and k.rsplit("/", 1)[-1] in names and math.isfinite(v)
+        if k.startswith(keys.PREFIX) and k.rsplit("/", 1)[-1] in names and math.isfinite(v)
     }
+    value = metrics.get(keys.SENTINEL_ALIGNMENT)
+    if value is not None and math.isfinite(value):
+        found[keys.SENTINEL_ALIGNMENT] = float(value)
+    return found
 
 
-def signal_change(previous: Mapping[str, float], current: Mapping[str, float]) -> float | None:
-    """The largest change from ``previous`` to ``current``: a velocity is a change already,
-    the others are differenced. ``None`` when nothing can be compared.
+def signal_change(
+    previous: Mapping[str, float], current: Mapping[str, float], differences_only: bool = False
+) -> float | None:
+    """The largest change from ``previous`` to ``current``: a velocity is a change already
+    (unless ``differences_only``), the others are differenced. ``None`` when nothing can be
+    compared.
 
     Example:
         >>> signal_change({"entk/kernel_regression_acc": 0.25},
@@ -232,6 +334,6 @@ def signal_change(previous: Mapping[str, float], current: Mapping[str, float]) -
     changes = [
         v if k.endswith(VELOCITY) else abs(v - previous[k])
         for k, v in current.items()
-        if k.endswith(VELOCITY) or k in previous
+        if (k.endswith(VELOCITY) and not differences_only) or k in previous
     ]
     return max(changes) if changes else None

@@ -32,20 +32,12 @@ import torch
 from scipy.sparse.linalg import LinearOperator, eigsh
 from torch import Tensor, nn
 
-from lightning_entk.kernel import (
-    Groups,
-    Jacobian,
-    OutputFn,
-    ParamSelection,
-    _check_choice,
-    check_projection_mode,
-    ntk_context,
-)
-from lightning_entk.kernel.points import ForwardFn
+from lightning_entk.kernel import Jacobian, KernelOptions, check_projection_mode, ntk_context
+from lightning_entk.kernel.options import check_choice
+from lightning_entk.kernel.points import Points
 
 SPECTRUM_MODES = ("trace", "flatten")
 ROUTES = ("auto", "kernel", "parameter", "matrix_free")
-DEFAULT_MEMORY_BUDGET = 4 * 2**30  # bytes; a quarter of a small workstation
 
 
 @dataclass(frozen=True)
@@ -117,45 +109,33 @@ class Spectrum:
 
 def ntk_spectrum(
     model: nn.Module,
-    x: Tensor,
+    x: Points,
     *,
     mode: str = "trace",
     k: int | None = None,
-    params: ParamSelection = None,
-    output_fn: OutputFn = None,
-    output_weights: Tensor | None = None,
-    method: str = "auto",
     route: str = "auto",
     eigenvectors: bool = True,
-    batch_size: int = 256,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
-    output_projections: int | Tensor | None = None,
-    projection_seed: int = 0,
-    forward_fn: ForwardFn = None,
-    groups: Groups = None,
+    options: KernelOptions | None = None,
+    **kernel_options: object,
 ) -> Spectrum | dict[str, Spectrum]:
     """Top-``k`` eigenpairs of the empirical NTK of ``model`` on points ``x``.
 
     Args:
-        model, x, params, output_fn, output_weights, method, batch_size, forward_fn: as in
-            :func:`~lightning_entk.empirical_ntk`.
+        model, x: as in :func:`~lightning_entk.empirical_ntk`.
         mode: ``"trace"`` (N x N, the *sum* over outputs) or ``"flatten"`` (C*N x C*N).
         k: eigenpairs wanted; ``None`` for every one that can be nonzero, ``min(R, P)``.
         route: ``"auto"`` (cheapest by the cost model in the module docstring), ``"kernel"``,
             ``"parameter"`` or ``"matrix_free"``.
         eigenvectors: whether to return eigenvectors.
-        memory_budget: bytes that the route's own arrays may take (the structured factors,
-            common to every route, are not counted). When the R x R kernel does not fit,
-            ``"auto"`` takes the parameter side or the matrix-free route, whose memory is
-            ``O(R k + P)``; for many points ask for ``k`` well below R.
-        output_projections, projection_seed: with ``mode="trace"``, the spectrum of the
-            random-projection estimate of the kernel (see
-            :func:`~lightning_entk.empirical_ntk`): ``s`` backward passes instead of C, for
-            models with many outputs.
-
-        groups: as in :func:`~lightning_entk.empirical_ntk`: the spectrum of each parameter
-            group's kernel (a dict), the kernels from one pass, each solved on the kernel
-            route (all groups' R x R kernels are held at once).
+        options, **kernel_options: how the kernel is computed, as in
+            :func:`~lightning_entk.empirical_ntk`. Its ``memory_budget`` also bounds the
+            route's own arrays (the structured factors, common to every route, are not
+            counted): when the R x R kernel does not fit, ``"auto"`` takes the parameter side
+            or the matrix-free route, whose memory is ``O(R k + P)``; for many points ask for
+            ``k`` well below R. With ``output_projections`` (``mode="trace"``), the spectrum
+            of the random-projection estimate of the kernel. With ``groups``, the spectrum of
+            each parameter group's kernel (a dict), the kernels from one pass, each solved on
+            the kernel route (all groups' R x R kernels are held at once).
 
     Returns:
         A :class:`Spectrum`, or with ``groups`` a dict group -> :class:`Spectrum`.
@@ -173,29 +153,14 @@ def ntk_spectrum(
         >>> s.eigenvalues.shape, s.eigenvectors.shape
         (torch.Size([4]), torch.Size([10, 4]))
     """
-    _check_choice("mode", mode, SPECTRUM_MODES)
-    _check_choice("route", route, ROUTES)
-    check_projection_mode(output_projections, mode)
-    if not isinstance(memory_budget, int) or memory_budget <= 0:
-        raise ValueError(f"`memory_budget` must be a positive int of bytes, got {memory_budget!r}.")
-    with ntk_context(
-        model,
-        x,
-        None,
-        params,
-        output_fn,
-        output_weights,
-        method,
-        batch_size,
-        output_projections=output_projections,
-        projection_seed=projection_seed,
-        forward_fn=forward_fn,
-        memory_budget=memory_budget,
-        groups=groups,
-    ) as ctx:
+    check_choice("mode", mode, SPECTRUM_MODES)
+    check_choice("route", route, ROUTES)
+    options = KernelOptions.of(options, **kernel_options)
+    check_projection_mode(options.output_projections, mode)
+    with ntk_context(model, x, None, options) as ctx:
         jac = ctx.jacobian(ctx.x1)
     rows = jac.num_points * (jac.num_outputs if mode == "flatten" else 1)
-    if groups is not None:  # each group's kernel, from one pass, solved on its own
+    if options.groups is not None:  # each group's kernel, from one pass, solved on its own
         k = _check_k(k, rows)
         kernels = jac.group_kernels(jac, mode)
         return {g: Spectrum.from_kernel(kernel, k, eigenvectors) for g, kernel in kernels.items()}
@@ -206,7 +171,7 @@ def ntk_spectrum(
     if route == "auto":
         itemsize = torch.empty((), dtype=jac.dtype).element_size()
         route = choose_route(
-            rows, columns, k, itemsize, memory_budget, parameters=jac.num_parameters
+            rows, columns, k, itemsize, options.memory_budget, parameters=jac.num_parameters
         )
     solve = {
         "kernel": _kernel_route,

@@ -16,8 +16,9 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_entk import ENTKMonitor, PhaseTransition
-from lightning_entk.probe import ProbeSet, kernel_memory_bytes
+from lightning_entk import ENTKMonitor, FixedCadence, KernelOptions, Monitor, PhaseTransition
+from lightning_entk.kernel import MemoryBudget
+from lightning_entk.probe import ProbeSet
 
 
 class Blobs(L.LightningDataModule):
@@ -150,7 +151,7 @@ def test_monitor_failure_is_a_warning_and_training_goes_on(tmp_path):
             raise RuntimeError("boom")
         return out
 
-    monitor = ENTKMonitor(every_n_epochs=1, output_fn=flaky)
+    monitor = ENTKMonitor(every_n_epochs=1, kernel=KernelOptions(output_fn=flaky))
     with pytest.warns(UserWarning, match="skipped its evaluation.*boom"):
         trainer, _ = fit(tmp_path, callbacks=[EpochEnd(), monitor])
     assert trainer.current_epoch == 3
@@ -158,7 +159,8 @@ def test_monitor_failure_is_a_warning_and_training_goes_on(tmp_path):
 
 
 def test_monitor_non_finite_kernel_is_skipped(tmp_path):
-    monitor = ENTKMonitor(every_n_epochs=1, output_fn=lambda out: out * float("nan"))
+    nan = KernelOptions(output_fn=lambda out: out * float("nan"))
+    monitor = ENTKMonitor(every_n_epochs=1, kernel=nan, sentinel=False)
     with pytest.warns(UserWarning, match="NaN or inf"):
         trainer, _ = fit(tmp_path, callbacks=[monitor], max_epochs=1)
     assert trainer.current_epoch == 1 and monitor.history == []
@@ -168,9 +170,11 @@ def test_monitor_invalid_arguments_fail_at_construction():
     with pytest.raises(ValueError, match="`every_n_epochs` must be a positive int"):
         ENTKMonitor(every_n_epochs=0)
     with pytest.raises(ValueError, match="`groups` must be None, 'modules'"):
-        ENTKMonitor(groups="layers")
+        ENTKMonitor(kernel=KernelOptions(groups="layers"))
     with pytest.raises(ValueError, match="`method` must be one of"):
-        ENTKMonitor(method="fast")
+        ENTKMonitor(kernel=KernelOptions(method="fast"))
+    with pytest.raises(ValueError, match="`kernel` must be a KernelOptions"):
+        ENTKMonitor(kernel={"groups": None})
     with pytest.raises(ValueError, match="`max_overhead` must be a positive number"):
         ENTKMonitor(max_overhead=0)
     with pytest.raises(ValueError, match=r"either a fixed cadence .* or a time budget"):
@@ -180,7 +184,9 @@ def test_monitor_invalid_arguments_fail_at_construction():
     with pytest.raises(ValueError, match="`probe` must be"):
         ENTKMonitor(probe="data.csv")
     with pytest.raises(ValueError, match="`memory_budget` must be"):
-        ENTKMonitor(memory_budget=-1)
+        ENTKMonitor(kernel=KernelOptions(memory_budget=-1))
+    with pytest.raises(ValueError, match="`early_warning` must be True, False or"):
+        ENTKMonitor(early_warning=None)
     with pytest.raises(ValueError, match="`on_transition` must be callable"):
         ENTKMonitor(on_transition=3)
 
@@ -188,18 +194,18 @@ def test_monitor_invalid_arguments_fail_at_construction():
 def test_monitor_probe_over_budget_evaluates_what_fits(tmp_path):
     budget = 2**20
     monitor = ENTKMonitor(
-        probe=torch.randn(600, 6), every_n_epochs=1, memory_budget=budget, max_probe_points=600
+        probe=torch.randn(600, 6), every_n_epochs=1, kernel=KernelOptions(memory_budget=budget)
     )
     with pytest.warns(UserWarning, match=r"all 600 probe points would need more than"):
         fit(tmp_path, callbacks=[monitor], max_epochs=1)
     kept = len(monitor.probe)
     assert 2 <= kept < 600 and len(monitor.history) == 2
     # The kept points fit the budget with the engine's own arrays, and twice as many would not.
-    assert kernel_memory_bytes(kept) < budget < kernel_memory_bytes(2 * kept)
+    assert MemoryBudget.dense_kernel_bytes(kept) < budget < MemoryBudget.dense_kernel_bytes(2 * kept)
 
 
 def test_monitor_budget_below_two_points_fails_at_setup(tmp_path):
-    monitor = ENTKMonitor(probe=torch.randn(50, 6), memory_budget=100)
+    monitor = ENTKMonitor(probe=torch.randn(50, 6), kernel=KernelOptions(memory_budget=100))
     with pytest.raises(ValueError, match=r"not even 2 probe points fit `memory_budget`"):
         fit(tmp_path, callbacks=[monitor])
 
@@ -280,15 +286,20 @@ def test_monitor_tensorboard_events_and_summary(tmp_path):
     assert re.match(rank_pattern, "entk/cliff_rank/12") and not re.match(
         rank_pattern, "entk/cliff_drop/1"
     )
-    accuracy_chart = charts["accuracy: network and eNTK kernel regression"]
+    accuracy_chart = charts["accuracy: network, eNTK kernel regression, readout's held-out alignment"]
     drawn = {tag for tag in scalars if any(re.match(p, tag) for p in accuracy_chart)}
-    assert drawn == {"val_acc", "entk/kernel_regression_acc"}
+    assert drawn == {"val_acc", "entk/kernel_regression_acc", "entk/sentinel/heldout_alignment"}
+    # The sentinel read the readout at initialization and then as its share of time allowed.
+    readings = [e.step for e in events.Scalars("entk/sentinel/heldout_alignment")]
+    assert readings == [r.step for r in monitor.readings] and readings[0] == 0
 
 
 def test_monitor_logs_each_parameter_group_beside_the_whole_model(tmp_path):
     logger = TensorBoardLogger(tmp_path, name="run")
     groups = {"hidden": ["net.0.weight", "net.0.bias"], "head": lambda n: n.startswith("net.4")}
-    monitor = ENTKMonitor(every_n_epochs=1, groups=groups, log_images=False)
+    monitor = ENTKMonitor(
+        every_n_epochs=1, kernel=KernelOptions(groups=groups), image_every_n_evaluations=0
+    )
     fit(tmp_path, callbacks=[monitor], logger=logger)
     events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "tensors": 0})
     events.Reload()
@@ -323,7 +334,7 @@ def test_monitor_default_groups_follow_the_model_and_a_single_group_is_the_whole
     """``groups="auto"`` by default: the classifier's layers get their own figures, with the
     output layer last (the readout the early warning watches); a model of one group logs the
     whole kernel's figures only."""
-    monitor = ENTKMonitor(every_n_epochs=1, log_images=False)
+    monitor = ENTKMonitor(every_n_epochs=1, image_every_n_evaluations=0)
     fit(tmp_path, callbacks=[monitor], max_epochs=1)
     metrics = monitor.history[-1].metrics
     groups = [k.split("/")[1] for k in metrics if re.fullmatch("entk/[^/]+/heldout_alignment", k)]
@@ -331,18 +342,34 @@ def test_monitor_default_groups_follow_the_model_and_a_single_group_is_the_whole
 
     linear = Classifier()
     linear.net = nn.Sequential(nn.Linear(6, 4))
-    monitor = ENTKMonitor(every_n_epochs=1, log_images=False)
+    monitor = ENTKMonitor(every_n_epochs=1, image_every_n_evaluations=0)
     fit(tmp_path, callbacks=[monitor], max_epochs=1, model=linear)
     assert not [k for k in monitor.history[-1].metrics if k.count("/") >= 2 and "/net" in k]
     assert "entk/heldout_alignment" in monitor.history[-1].metrics
 
 
 def test_monitor_state_dict_round_trip():
-    monitor = ENTKMonitor()
-    monitor.probe = ProbeSet(torch.randn(5, 2))
-    clone = ENTKMonitor()
+    """The core's state (full evaluations, sentinel readings, the watched metric, the detector,
+    the schedule) survives a copy, and the copy goes on where the original left off."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4))
+    probe = ProbeSet(torch.randn(40, 6), torch.arange(40) % 4, torch.arange(40) >= 30)
+    monitor = Monitor(model, probe, schedule=FixedCadence(every_n_epochs=1))
+    monitor.start()
+    monitor.step(1, 1, {"val_acc": 0.25})
+    clone = Monitor(model, probe, schedule=FixedCadence(every_n_epochs=1))
     clone.load_state_dict(copy.deepcopy(monitor.state_dict()))
-    assert torch.equal(clone.probe.x, monitor.probe.x) and clone.history == []
+    assert [r.to_state() for r in clone.history] == [r.to_state() for r in monitor.history]
+    assert clone.readings == monitor.readings and clone.transitions == monitor.transitions
+    assert clone.watched == {1: 0.25}
+    assert ENTKMonitor().state_dict() == {}  # nothing to keep before training
+    for copy_ in (monitor, clone):
+        copy_.step(2, 2, {"val_acc": 0.5})
+
+    def values(m):
+        return {k: v for k, v in m.history[-1].metrics.items() if "seconds" not in k}
+
+    assert values(clone) == values(monitor) and "entk/kernel_velocity" in values(clone)
 
 
 class ReleaseProcessGroupAtExit(Callback):
@@ -363,8 +390,9 @@ class ReleaseProcessGroupAtExit(Callback):
     "options",
     [
         {"mode": "trace"},
-        {"mode": "trace", "output_projections": 3},
-        {"mode": "trace", "output_projections": 1},  # rank 1 has no projection: adds zero
+        {"mode": "trace", "kernel": KernelOptions(groups="auto", output_projections=3)},
+        # rank 1 has no projection: adds zero
+        {"mode": "trace", "kernel": KernelOptions(groups="auto", output_projections=1)},
         {"mode": "flatten"},
     ],
 )
@@ -443,13 +471,13 @@ def test_monitor_time_budget_evaluates_at_the_same_steps_on_every_ddp_rank(tmp_p
 
 
 def test_monitor_with_output_projections_estimates_the_trace_kernel(tmp_path):
-    exact, estimated = ENTKMonitor(), ENTKMonitor(output_projections=2)
+    exact, estimated = ENTKMonitor(), ENTKMonitor(kernel=KernelOptions(output_projections=2))
     fit(tmp_path / "exact", callbacks=[exact], max_epochs=1)
     fit(tmp_path / "estimated", callbacks=[estimated], max_epochs=1)
     a, b = exact.history[0].metrics, estimated.history[0].metrics
     assert a["entk/trace"] != b["entk/trace"]  # an estimate of 4 outputs from 2 projections
     assert b["entk/trace"] == pytest.approx(a["entk/trace"], rel=0.5)  # unbiased: same scale
     with pytest.raises(ValueError, match="mode='trace'"):
-        ENTKMonitor(mode="flatten", output_projections=2)
+        ENTKMonitor(mode="flatten", kernel=KernelOptions(output_projections=2))
     with pytest.raises(ValueError, match="positive int"):
-        ENTKMonitor(output_projections=0)
+        KernelOptions(output_projections=0)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from lightning_entk.distributed import assemble_row_blocks, combine_shares, kernel_share
-from lightning_entk.kernel import empirical_ntk
+from lightning_entk.kernel import KernelOptions, empirical_ntk
 
 
 @pytest.mark.parametrize("mode", ["trace", "flatten"])
@@ -34,10 +34,10 @@ def test_kernel_shares_of_three_ranks_combine_to_the_kernel(mode, projections):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
     x = torch.randn(7, 6, dtype=torch.float64)
-    options = {"output_projections": projections}
+    options = KernelOptions(output_projections=projections)
     shares = torch.stack(
-        [kernel_share(model, x, 3, rank, mode=mode, options={}, **options) for rank in range(3)]
+        [kernel_share(model, x, 3, rank, mode=mode, options=options) for rank in range(3)]
     )
     rows = 3 if mode == "flatten" else 1
-    expected = empirical_ntk(model, x, mode=mode, **options)
+    expected = empirical_ntk(model, x, mode=mode, options=options)
     torch.testing.assert_close(combine_shares(shares, mode, 7, rows), expected)

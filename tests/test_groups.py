@@ -10,7 +10,7 @@ from user_models import MHAClassifier, RawTransformer
 from example_modules.modular_arithmetic import ModularArithmeticMLP
 from example_modules.modular_transformer import ModularTransformer
 from lightning_entk import empirical_ntk, ntk_spectrum
-from lightning_entk.kernel.context import automatic_groups
+from lightning_entk.kernel.options import automatic_groups
 
 
 class WithOpaque(nn.Module):

@@ -303,7 +303,7 @@ def test_transformer_validation_splits_accuracy_by_swap():
 def test_transformer_with_monitor_records_spectra_and_alignment(tmp_path):
     L.seed_everything(0, verbose=False)
     model = ModularTransformer(p=7, d_model=16, d_mlp=32, n_heads=2)
-    monitor = ENTKMonitor(every_n_epochs=1, log_images=False)
+    monitor = ENTKMonitor(every_n_epochs=1, image_every_n_evaluations=0)
     trainer = quick_trainer(max_epochs=2, callbacks=[monitor], default_root_dir=tmp_path)
     data = ModularTransformerDataModule(p=7, train_fraction=0.5, batch_size=8)
     trainer.fit(model, datamodule=data)

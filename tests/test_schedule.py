@@ -5,30 +5,51 @@ import statistics
 
 import pytest
 
-from lightning_entk.schedule import FixedCadence, TimeBudget, moving_signals, signal_change
+from lightning_entk.schedule import (
+    Clock,
+    FixedCadence,
+    TimeBudget,
+    moving_signals,
+    signal_change,
+)
 
 
-def run(budget, steps, step_seconds, evaluation_seconds, signal):
+class SimulatedTime:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def run(budget, steps, step_seconds, evaluation_seconds, signal, sentinel=None):
     """Train ``steps`` steps of ``step_seconds`` each on a simulated clock, evaluating when the
     budget says so; ``evaluation_seconds(i)`` is the i-th evaluation's cost and
-    ``signal(step)`` its kernel regression accuracy. Returns the evaluated steps and the clock's
-    split into training and monitor seconds after each evaluation."""
-    now = 0.0
-    budget.start(now)
+    ``signal(step)`` its kernel regression accuracy; ``sentinel(step)``, if given, a sentinel
+    reading's alignment at every step (free). Returns the evaluated steps and the clock's split
+    into training and monitor seconds after each evaluation."""
+    time = SimulatedTime()
+    clock = Clock(time)
+    clock.start()
     evaluated, ledger = [], []
 
     def evaluate(step):
-        nonlocal now
-        began = now
-        now += evaluation_seconds(len(evaluated))
-        budget.record(step, began, now, {"entk/kernel_regression_acc": signal(step)})
+        with clock.charge("evaluation"):
+            time.now += evaluation_seconds(len(evaluated))
+        cost = evaluation_seconds(len(evaluated))
+        metrics = {"entk/kernel_regression_acc": signal(step)}
+        if sentinel is not None:
+            metrics["entk/sentinel/heldout_alignment"] = sentinel(step)
+        budget.record(step, cost, metrics, clock)
         evaluated.append(step)
-        ledger.append((budget.trained(now), budget.state_dict()["spent"]))
+        ledger.append((clock.training_seconds(), clock.monitor_seconds))
 
     evaluate(0)
     for step in range(1, steps + 1):
-        now += step_seconds
-        if budget.due(step, step, True) and budget.allows(step, now):
+        time.now += step_seconds
+        if sentinel is not None:
+            budget.observe(step, {"entk/sentinel/heldout_alignment": sentinel(step)})
+        if budget.due(step, step, True) and budget.allows(step, clock):
             evaluate(step)
     return evaluated, ledger
 
@@ -87,12 +108,35 @@ def test_time_budget_respects_its_budget_when_one_evaluation_is_slow():
 
 
 def test_time_budget_affords_extra_work_within_the_budget_only():
-    budget = TimeBudget(max_overhead=0.2)
-    budget.start(now=0.0)
-    budget.record(step=0, began=0.0, ended=0.5, metrics={})
-    budget.record(step=10, began=6.0, ended=6.5, metrics={})  # 5.5 s trained, 1 s spent
-    assert budget.trained(now=6.5) == pytest.approx(5.5)
-    assert budget.affords(0.1, now=6.5) and not budget.affords(0.2, now=6.5)
+    time = SimulatedTime()
+    clock, budget = Clock(time), TimeBudget(max_overhead=0.2)
+    clock.start()
+    for step, began in ((0, 0.0), (10, 6.0)):  # 5.5 s trained, 1 s spent
+        time.now = began
+        with clock.charge("evaluation"):
+            time.now += 0.5
+        budget.record(step, 0.5, {}, clock)
+    assert clock.training_seconds() == pytest.approx(5.5)
+    assert budget.affords(0.1, clock) and not budget.affords(0.2, clock)
+
+
+def test_time_budget_evaluates_at_once_where_the_sentinel_moves():
+    """Full evaluations of 0.05 s, steps of 0.01 s, a kernel whose own signals never move, and
+    a sentinel whose alignment climbs over steps 600-700: the budget keeps a quiet pace until
+    the sentinel has moved by ``tolerance`` since the last evaluation, then evaluates at once."""
+
+    def sentinel(step):
+        return min(max((step - 600) / 100, 0.0), 1.0) * 0.3
+
+    budget = TimeBudget(max_overhead=0.2, tolerance=0.02)
+    evaluated, _ = run(budget, 1000, 0.01, lambda i: 0.05, lambda s: 0.5, sentinel)
+    quiet = TimeBudget(max_overhead=0.2, tolerance=0.02)
+    without, _ = run(quiet, 1000, 0.01, lambda i: 0.05, lambda s: 0.5, lambda s: 0.0)
+    rising = [s for s in evaluated if 600 < s <= 700]
+    assert len(rising) >= 6 and len([s for s in without if 600 < s <= 700]) <= 2
+    first = rising[0]
+    assert sentinel(first) - sentinel(evaluated[evaluated.index(first) - 1]) >= 0.02
+    assert first <= 600 + 0.02 / 0.003 + 1  # as soon as it moved by the tolerance
 
 
 def test_time_budget_state_round_trip_continues_the_same_schedule():
@@ -101,10 +145,23 @@ def test_time_budget_state_round_trip_continues_the_same_schedule():
     b = TimeBudget()
     b.load_state_dict(a.state_dict())
     assert b.next_step == a.next_step and b.state_dict() == a.state_dict()
-    b.restart_clock()  # resumed in a new process: the account starts afresh
-    assert b.next_step == a.next_step and b.trained(now=123.0) == 0.0
-    b.start(now=100.0)
-    assert b.trained(now=101.0) == 1.0
+
+
+def test_clock_splits_training_and_monitor_seconds_and_restarts():
+    time = SimulatedTime()
+    clock = Clock(time)
+    assert clock.training_seconds() == 0.0  # not started
+    clock.start()
+    time.now = 2.0
+    with clock.charge("sentinel"):
+        time.now = 2.5
+    with clock.charge("evaluation"):
+        time.now = 3.5
+    time.now = 10.0
+    assert clock.spent == {"sentinel": 0.5, "evaluation": 1.0}
+    assert clock.training_seconds() == pytest.approx(8.5)
+    clock.restart()  # resumed in a new process: the account starts afresh
+    assert clock.monitor_seconds == 0.0 and clock.training_seconds() == 0.0
 
 
 def test_fixed_cadence_by_epochs_and_by_steps():

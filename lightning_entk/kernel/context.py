@@ -1,13 +1,17 @@
-"""Setup shared by the kernel and the spectrum, and the structured engine's driver.
+"""The structured engine's driver: what the kernel, the spectrum and the plan share.
 
 :func:`ntk_context` validates the arguments, puts the model in its evaluation state and yields
 an :class:`NTKContext`, whose :meth:`~NTKContext.jacobian` returns the Jacobian of a set of
 points as blocks (:mod:`~lightning_entk.kernel.factors`):
 
-1. *Discover* (once): one forward pass of one point under
+1. *Discover* (once per model): one forward pass of one point under
    :class:`~lightning_entk.kernel.capture.Capture` lists every use of every selected parameter;
    parameters entering an operation no rule covers are set aside for the generic path, and the
-   pass is repeated until the set is stable.
+   pass is repeated until the set is stable. What it finds (with the capture route and the
+   check of step 3) is kept for later calls on the same model while :func:`discovery_key` is
+   unchanged: the modules' code, the parameters' names, shapes and dtypes, the points'
+   per-point shapes and the options that change the forward pass. The first call pays for
+   discovery; later calls (the monitor's repeated evaluations) do not.
 2. *Capture* (per chunk of points): ``vmap`` over points of ``jacrev`` with respect to the
    uses' zero perturbations gives the output gradients ``g``; the same pass returns the data
    factors. A model that ``vmap`` cannot batch (data-dependent control flow) is run one point
@@ -27,17 +31,27 @@ from __future__ import annotations
 import contextlib
 import enum
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+import weakref
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
+from lightning_entk.kernel.budget import MemoryBudget
 from lightning_entk.kernel.capture import Capture, element_indices
 from lightning_entk.kernel.factors import ColumnBlock, FactorBlock, Jacobian
 from lightning_entk.kernel.generic import generic_columns
+from lightning_entk.kernel.options import (
+    KernelOptions,
+    NTKMethod,
+    compute_dtype,
+    parameter_groups,
+    projection_matrix,
+    select_parameters,
+)
 from lightning_entk.kernel.points import (
     ForwardFn,
     OutputFn,
@@ -45,268 +59,13 @@ from lightning_entk.kernel.points import (
     as_output_matrix,
     call_model,
     check_points,
+    describe_points,
     num_points,
     quiet_batching_fallback,
     take,
     to_compute,
 )
 from lightning_entk.kernel.rules import Use
-
-ParamSelection = Iterable[str] | Callable[[str, nn.Parameter], bool] | None
-DEFAULT_MEMORY_BUDGET = 2 * 2**30
-
-
-class NTKMethod(str, enum.Enum):
-    """How the kernel is computed. Every method gives the same kernel up to float round-off.
-
-    ``STRUCTURED``: each parameter is recognised by the operations that use it (matmul,
-    ``F.linear``, ``addmm``, ``einsum``, convolution, embedding lookup, elementwise scale and
-    shift, the affine part of normalisations; through any views), whatever module holds it.
-    For a use ``y = V x`` the share of the kernel is ``(a a'^T) * (g g'^T)`` with ``g`` the
-    gradient of each output with respect to ``y`` (Novak et al. 2022, "Fast Finite Width
-    Neural Tangent Kernel", arXiv:2206.08720, section 4; "structured derivatives"), summed
-    over all pairs of positions and uses. Costs ``N C`` backward passes (batched) plus Gram
-    products of layer widths; no Jacobian of size ``N C P`` is stored. A parameter that no rule
-    covers, and only that parameter, goes through the generic path of ``JACOBIAN``.
-
-    ``JACOBIAN``: ``vmap(jacrev)`` per-example Jacobians, contracted range of parameters by
-    range of parameters within the memory budget. Costs ``N C`` backward passes plus
-    ``N^2 C^2 P``. The reference implementation (the ``torch.func`` tutorial's), slow for wide
-    layers.
-
-    ``AUTO``: ``STRUCTURED``, since it is exact for every model and never slower by more than
-    its bookkeeping.
-    """
-
-    AUTO = "auto"
-    STRUCTURED = "structured"
-    JACOBIAN = "jacobian"
-
-
-def _check_choice(name: str, value: object, allowed: Iterable[str]) -> None:
-    allowed = tuple(allowed)
-    if value not in allowed:
-        raise ValueError(f"`{name}` must be one of {allowed}, got {value!r}.")
-
-
-def check_projection_mode(output_projections: int | Tensor | None, mode: str) -> None:
-    """Output projections estimate the trace kernel only: reject them with any other mode."""
-    if output_projections is not None and mode != "trace":
-        raise ValueError(
-            f"`output_projections` estimates the trace kernel and needs mode='trace', got "
-            f"mode={mode!r}; pass output_projections=None for the exact {mode!r} kernel."
-        )
-
-
-def _check_projections(output_projections: object, projection_seed: object) -> None:
-    if output_projections is None:
-        return
-    if isinstance(output_projections, Tensor):
-        if output_projections.ndim != 2 or not output_projections.is_floating_point():
-            raise ValueError(
-                "`output_projections` as a tensor must be float (C, s) with the projections as "
-                f"columns, got {output_projections.dtype} {tuple(output_projections.shape)}."
-            )
-    elif (
-        not isinstance(output_projections, int)
-        or isinstance(output_projections, bool)
-        or output_projections < 1
-    ):
-        raise ValueError(
-            "`output_projections` must be None, a positive int (the number of random "
-            f"projections) or a (C, s) tensor, got {output_projections!r}."
-        )
-    if not isinstance(projection_seed, int) or isinstance(projection_seed, bool):
-        raise ValueError(f"`projection_seed` must be an int, got {projection_seed!r}.")
-
-
-def projection_matrix(
-    num_outputs: int,
-    output_projections: int | Tensor | None,
-    projection_seed: int = 0,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str | None = None,
-) -> Tensor:
-    """The projections ``(C, s)`` that :func:`empirical_ntk` applies to the outputs, as
-    columns: the identity for ``None`` (the exact kernel, ``s = C``), the Rademacher columns
-    drawn from ``projection_seed`` for an int ``s``, or the given tensor. Splitting the columns
-    splits the trace kernel into parts that sum to it.
-
-    Raises:
-        ValueError: if a given tensor does not have ``num_outputs`` rows.
-    """
-    if output_projections is None:
-        return torch.eye(num_outputs, dtype=dtype, device=device)
-    if isinstance(output_projections, Tensor):
-        if output_projections.shape[0] != num_outputs:
-            raise ValueError(
-                f"`output_projections` has {output_projections.shape[0]} rows but the model has "
-                f"C = {num_outputs} outputs; pass a (C, s) tensor."
-            )
-        return output_projections.to(device=device, dtype=dtype)
-    s = output_projections
-    generator = torch.Generator().manual_seed(projection_seed)
-    signs = torch.randint(0, 2, (num_outputs, s), generator=generator).to(dtype) * 2 - 1
-    return (signs / math.sqrt(s)).to(device)
-
-
-def select_parameters(model: nn.Module, params: ParamSelection) -> list[str]:
-    """Names of the parameters that count, in ``model.named_parameters()`` order.
-
-    Raises:
-        ValueError: if the selection matches nothing, or names a parameter the model lacks.
-    """
-    named = dict(model.named_parameters())
-    if params is None:
-        chosen = [n for n, p in named.items() if p.requires_grad]
-        hint = "every parameter has requires_grad=False; pass `params` to choose some"
-    elif callable(params):
-        chosen = [n for n, p in named.items() if params(n, p)]
-        hint = "the `params` predicate returned False for every parameter"
-    else:
-        wanted = [params] if isinstance(params, str) else list(params)
-        unknown = [n for n in wanted if n not in named]
-        if unknown:
-            raise ValueError(
-                f"`params` names {unknown} which the model does not have; "
-                f"its parameters are {list(named)[:8]}{'...' if len(named) > 8 else ''}."
-            )
-        chosen = [n for n in named if n in set(wanted)]
-        hint = "`params` is empty"
-    if not chosen:
-        raise ValueError(
-            f"`params` selects no parameter ({hint}). "
-            f"The model's parameters are {list(named)[:8]}{'...' if len(named) > 8 else ''}."
-        )
-    return chosen
-
-
-Groups = str | Mapping[str, Iterable[str] | Callable[[str], bool]] | Callable[[str], str] | None
-
-
-def check_kernel_options(
-    method: str | NTKMethod = "auto", forward_fn: ForwardFn = None, groups: Groups = None
-) -> None:
-    """Raise ``ValueError`` for an unknown ``method``, a ``forward_fn`` that is not callable,
-    or ``groups`` of another kind than :func:`parameter_groups` takes."""
-    _check_choice("method", str(getattr(method, "value", method)), [m.value for m in NTKMethod])
-    if forward_fn is not None and not callable(forward_fn):
-        raise ValueError(
-            f"`forward_fn` must be callable (model, points) -> (N, C), got {forward_fn!r}."
-        )
-    if groups is not None and not (
-        groups in ("modules", "auto") or callable(groups) or isinstance(groups, Mapping)
-    ):
-        raise ValueError(
-            "`groups` must be None, 'modules', 'auto', a callable name -> group, or a mapping "
-            "group -> "
-            f"parameter names (or predicate), got {groups!r}."
-        )
-
-
-def parameter_groups(model: nn.Module, names: list[str], groups: Groups) -> dict[str, str]:
-    """Parameter name -> group name for every counted parameter (``names``).
-
-    ``groups`` is ``"modules"`` (the model's top-level children, a parameter of the model itself
-    its own group), ``"auto"`` (a few groups at the level that separates the model's parts:
-    :func:`automatic_groups`), a callable ``name -> group``, or a mapping ``group -> parameter
-    names`` (or ``group -> predicate(name)``); a parameter no group of a mapping claims is in
-    ``"other"``.
-
-    Raises:
-        ValueError: for another kind of ``groups``, a name the model does not have, or a
-            parameter claimed by two groups.
-    """
-    check_kernel_options(groups=groups)
-    if groups == "modules":
-        return {n: n.split(".", 1)[0] for n in names}
-    if groups == "auto":
-        return automatic_groups(model, names)
-    if callable(groups):
-        return {n: str(groups(n)) for n in names}
-    found: dict[str, str] = {}
-    known = dict(model.named_parameters())
-    for group, members in groups.items():
-        chosen = (
-            [n for n in names if members(n)]
-            if callable(members)
-            else [members] if isinstance(members, str) else list(members)
-        )  # fmt: skip
-        unknown = [m for m in chosen if m not in known]
-        if unknown:
-            raise ValueError(f"`groups[{group!r}]` names {unknown}, which the model does not have.")
-        for m in chosen:
-            if m in found and found[m] != group:
-                raise ValueError(f"Parameter {m!r} is in two groups, {found[m]!r} and {group!r}.")
-            found[m] = group
-    return {n: found.get(n, "other") for n in names}
-
-
-MAX_AUTOMATIC_GROUPS = 6
-
-
-def automatic_groups(
-    model: nn.Module, names: list[str], max_groups: int = MAX_AUTOMATIC_GROUPS
-) -> dict[str, str]:
-    """A few parameter groups that follow the model's parts: parameter name -> group.
-
-    From the top-level modules, the one holding most parameters is split into its children
-    (when it has no parameters of its own) as long as there are at most ``max_groups`` groups:
-    a wrapper, or a backbone beside a head, gives way to its parts (embeddings, blocks, head).
-    When the top level alone has more, its first and last modules keep their own groups (in a
-    language model: the embedding and the unembedding) and those between are ``"body"``.
-    Parameters of the model itself, outside its children, are the group ``"(model)"``.
-
-    Example:
-        >>> mlp = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
-        >>> wrapped = nn.ModuleDict({"net": mlp})
-        >>> groups = automatic_groups(wrapped, [n for n, _ in wrapped.named_parameters()])
-        >>> sorted(set(groups.values()))
-        ['net.0', 'net.2']
-    """
-    counted = set(names)
-
-    def size(prefix: str) -> int:
-        return sum(1 for n in counted if n == prefix or n.startswith(prefix + "."))
-
-    def parts(prefix: str, module: nn.Module) -> list[str]:
-        """The module's children that hold counted parameters, and itself for its own."""
-        dot = prefix + "." if prefix else ""
-        found = [dot + name for name, _ in module.named_children() if size(dot + name)]
-        if any(dot + n in counted for n, _ in module.named_parameters(recurse=False)):
-            found.append(prefix or "(model)")
-        return found
-
-    modules = dict(model.named_modules())
-    groups = parts("", model)
-    while True:
-        largest = max(groups, key=size, default=None)
-        split = parts(largest, modules[largest]) if largest in modules and largest else []
-        if len(split) < 2 or largest in split or len(groups) - 1 + len(split) > max_groups:
-            break
-        index = groups.index(largest)
-        groups[index : index + 1] = split
-    if len(groups) > max_groups:
-        groups = [groups[0], "body", groups[-1]]
-
-    def group_of(name: str) -> str:
-        owners = [g for g in groups if name.startswith(g + ".")]
-        if owners:
-            return max(owners, key=len)
-        return name.rsplit(".", 1)[0] if "." in name else "(model)"
-
-    assigned = {n: group_of(n) for n in names}
-    if "body" in groups:
-        edges = {groups[0], groups[-1]}
-        assigned = {n: g if g in edges else "body" for n, g in assigned.items()}
-    return assigned
-
-
-def compute_dtype(model: nn.Module) -> torch.dtype:
-    """float64 for a float64 model, float32 otherwise (half precision is never used)."""
-    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    return torch.float64 if torch.float64 in dtypes else torch.float32
-
 
 @contextlib.contextmanager
 def _evaluation_state(model: nn.Module) -> Iterator[None]:
@@ -341,44 +100,22 @@ def num_outputs(
 
 @contextlib.contextmanager
 def ntk_context(
-    model: nn.Module,
-    x1: Points,
-    x2: Points | None,
-    params: ParamSelection,
-    output_fn: OutputFn,
-    output_weights: Tensor | None,
-    method: str | NTKMethod,
-    batch_size: int,
-    *,
-    output_projections: int | Tensor | None = None,
-    projection_seed: int = 0,
-    forward_fn: ForwardFn = None,
-    memory_budget: int | None = None,
-    groups: Groups = None,
+    model: nn.Module, x1: Points, x2: Points | None, options: KernelOptions
 ) -> Iterator[NTKContext]:
-    """Validate the arguments and yield a context that computes Jacobian blocks (of the
-    projected outputs when ``output_projections`` is given, see
-    :func:`~lightning_entk.empirical_ntk`)."""
-    check_kernel_options(method, forward_fn, groups)
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
-    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
-    if not isinstance(budget, int) or isinstance(budget, bool) or budget <= 0:
-        raise ValueError(f"`memory_budget` must be a positive int of bytes, got {budget!r}.")
-    _check_projections(output_projections, projection_seed)
+    """Check the points against the model and ``options``, put the model in its evaluation
+    state and yield a context that computes Jacobian blocks (of the projected outputs when
+    ``options.output_projections`` is given, see :class:`KernelOptions`). What discovery
+    learns about the model is kept for later calls (:func:`discovery_key`)."""
     check_points("x1", x1)
     if x2 is not None:
         check_points("x2", x2, like=x1)
-    names = select_parameters(model, params)
-    group_of = None if groups is None else parameter_groups(model, names, groups)
+    names = select_parameters(model, options.params)
+    group_of = None if options.groups is None else parameter_groups(model, names, options.groups)
     dtype = compute_dtype(model)
     device = next(model.parameters()).device
-    if output_weights is not None:
-        output_weights = torch.as_tensor(output_weights).to(device=device, dtype=dtype)
-        if output_weights.ndim != 1:
-            raise ValueError(
-                f"`output_weights` must have shape (C,), got {tuple(output_weights.shape)}."
-            )
+    key = discovery_key(model, names, x1, options)
+    known = _DISCOVERIES.setdefault(model, {})
+    discovery = known.pop(key, None) or Discovery()
     with _evaluation_state(model):
         yield NTKContext(
             model=model,
@@ -386,16 +123,78 @@ def ntk_context(
             dtype=dtype,
             x1=to_compute(x1, device, dtype),
             x2=None if x2 is None else to_compute(x2, device, dtype),
-            output_fn=output_fn,
-            output_weights=output_weights,
-            method=NTKMethod(getattr(method, "value", method)),
-            batch_size=batch_size,
-            output_projections=output_projections,
-            projection_seed=projection_seed,
-            forward_fn=forward_fn,
-            memory_budget=budget,
+            options=options,
             group_of=group_of,
+            discovery=discovery,
         )
+    if discovery.structure is not None and discovery.index_bytes() <= options_budget(options).piece:
+        known[key] = discovery  # most recent last
+        while len(known) > MAX_DISCOVERIES:
+            known.pop(next(iter(known)))
+
+
+# What discovery learned, per model and per :func:`discovery_key`; an entry lives as long as
+# its model. Element indices are kept with the layouts, so an entry costs 8 bytes per counted
+# parameter: only those within a budget piece are kept.
+_DISCOVERIES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Discovery]] = (
+    weakref.WeakKeyDictionary()
+)
+MAX_DISCOVERIES = 4  # per model: e.g. the monitor's whole kernel, its readout, a plan
+
+
+def options_budget(options: KernelOptions) -> MemoryBudget:
+    return MemoryBudget(options.memory_budget)
+
+
+def discovery_key(model: nn.Module, names: list[str], x: Points, options: KernelOptions) -> tuple:
+    """What discovery's findings depend on, cheap to compute at every call: the code of every
+    module (its class, ``forward``'s code, an instance's own ``forward``, its hooks), the
+    parameters and buffers (names, shapes, dtypes, devices, which count), the points' structure
+    and per-point shapes and dtypes, and the options that change the forward pass. Parameter
+    values do not count: training changes them, not the model's operations."""
+    modules = tuple(
+        (
+            type(m),
+            getattr(type(m).forward, "__code__", None),
+            m.__dict__.get("forward"),
+            tuple(m._forward_hooks.values()),
+            tuple(m._forward_pre_hooks.values()),
+        )
+        for m in model.modules()
+    )
+    tensors = tuple(
+        (n, tuple(t.shape), t.dtype, t.device)
+        for n, t in (*model.named_parameters(), *model.named_buffers())
+    )
+    flat, spec = tree_flatten(x)
+    points = (str(spec), tuple((tuple(t.shape[1:]), t.dtype) for t in flat))
+    projections = options.output_projections
+    if isinstance(projections, Tensor):
+        projections = tuple(projections.shape)
+    return (
+        modules,
+        tensors,
+        tuple(names),
+        points,
+        options.kernel_method,
+        options.output_fn,
+        options.forward_fn,
+        None if options.output_weights is None else tuple(options.output_weights.shape),
+        projections,
+    )
+
+
+@dataclass
+class Discovery:
+    """What the engine learned about a model on its first call: the structure (uses, capture
+    route, checks passed), the parameters' element indices, the number of outputs."""
+
+    structure: Structure | None = None
+    indices: dict[str, Tensor] = field(default_factory=dict)
+    num_outputs: int | None = None
+
+    def index_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.indices.values())
 
 
 class _Forward(nn.Module):
@@ -414,21 +213,36 @@ class _Forward(nn.Module):
             return call_model(self.model, points)
 
 
+class CaptureRoute(str, enum.Enum):
+    """How the output gradients of a chunk of points are captured (:meth:`NTKContext.structure`
+    picks one; a later failure falls back to the next, with the reason kept)."""
+
+    BATCHED = "batched"  # one batched pass over the chunk, positions in each point's slice
+    VMAP = "vmap"  # vmap over points of jacrev
+    PER_POINT = "per point"  # one point at a time
+
+
 @dataclass
 class Structure:
     """What discovery found: the uses of the structured parameters, the perturbation shapes
-    (one per operation), and why each other parameter takes the generic path."""
+    (one per operation), why each other parameter takes the generic path, and how points are
+    captured (and, for a fallback, why)."""
 
     uses: list[Use] = field(default_factory=list)
     z_shapes: list[tuple[int, ...]] = field(default_factory=list)
     generic: dict[str, str] = field(default_factory=dict)
-    capture: str = "batched"  # "batched", "vmap" or "per point" (see :meth:`NTKContext.structure`)
+    capture: CaptureRoute = CaptureRoute.BATCHED
+    capture_reason: str = ""
     shared: list[bool] = field(default_factory=list)  # per operation: output has no point dim
     checked: bool = False  # the capture passed :meth:`NTKContext._check` already
 
     @property
     def structured(self) -> list[str]:
         return list(dict.fromkeys(u.param for u in self.uses))
+
+    def fall_back(self, route: CaptureRoute, reason: str) -> None:
+        """Capture by ``route`` from now on, because of ``reason``."""
+        self.capture, self.capture_reason = route, reason
 
 
 @dataclass
@@ -438,15 +252,9 @@ class NTKContext:
     dtype: torch.dtype
     x1: Points
     x2: Points | None
-    output_fn: OutputFn
-    output_weights: Tensor | None
-    method: NTKMethod
-    batch_size: int
-    output_projections: int | Tensor | None = None
-    projection_seed: int = 0
-    forward_fn: ForwardFn = None
-    memory_budget: int = DEFAULT_MEMORY_BUDGET
+    options: KernelOptions
     group_of: dict[str, str] | None = None  # parameter -> group, for per-group kernels
+    discovery: Discovery = field(default_factory=lambda: Discovery())
 
     def __post_init__(self) -> None:
         self.params = {
@@ -458,18 +266,22 @@ class NTKContext:
             for n, b in self.model.named_buffers()
         }
         self.device = next(iter(self.params.values())).device
+        self.budget = MemoryBudget(self.options.memory_budget)
+        self.forward_fn = self.options.forward_fn
+        self.batch_size = self.options.batch_size
+        weights = self.options.output_weights
+        self.output_weights = (
+            None if weights is None else torch.as_tensor(weights).to(self.device, self.dtype)
+        )
         self._wrapper = _Forward(self.model, self.forward_fn)
         self.projection: Tensor | None = None  # (C, s), drawn once for all points
-        self._structure: Structure | None = None
-        self._indices: dict[str, Tensor] = {}
-        self._num_outputs: int | None = None
 
     # ---------------------------------------------------------------------------------------
     # Forward passes.
 
     def outputs(self, raw: object, rows: int, project: bool = True) -> Tensor:
         """The model's output as (N, C), weighted, and projected to (N, s) with projections."""
-        out = as_output_matrix(raw, rows, None if self.forward_fn else self.output_fn)
+        out = as_output_matrix(raw, rows, None if self.forward_fn else self.options.output_fn)
         if self.output_weights is not None:
             if self.output_weights.shape[0] != out.shape[1]:
                 raise ValueError(
@@ -500,13 +312,16 @@ class NTKContext:
     def _resolve_projection(self, x: Points) -> None:
         """Fix the projections ``(C, s)`` before the first Jacobian, so that every point (of
         ``x1`` and ``x2``, of every chunk) is projected on the same ``v_r``."""
-        if self.output_projections is None or self.projection is not None:
+        projections = self.options.output_projections
+        if projections is None or self.projection is not None:
             return
         with torch.no_grad():
-            raw = functional_call(self._wrapper, self._state(), (take(x, slice(0, 1)),))
+            raw = self._call_model(lambda: functional_call(
+                self._wrapper, self._state(), (take(x, slice(0, 1)),)
+            ), x)  # fmt: skip
             c = self.outputs(raw, 1, project=False).shape[1]
         self.projection = projection_matrix(
-            c, self.output_projections, self.projection_seed, self.dtype, self.device
+            c, projections, self.options.projection_seed, self.dtype, self.device
         )
 
     def _state(self) -> dict[str, Tensor]:
@@ -514,23 +329,36 @@ class NTKContext:
 
     def _capture(self, names: Iterable[str], perturbations: tuple | None = None) -> Capture:
         """A capture watching the parameters ``names``; their element indices made once."""
+        indices = self.discovery.indices
         for name in names:
-            if name not in self._indices:
-                self._indices[name] = element_indices(self.params[name])
+            if name not in indices:
+                indices[name] = element_indices(self.params[name])
         watched = {name: self.params[name] for name in names}
-        return Capture(watched, perturbations, self._indices)
+        return Capture(watched, perturbations, indices)
+
+    def _call_model(self, call, x: Points):
+        """``call()``, a forward pass of points of ``x``; a failure of the model itself is a
+        ``ValueError`` that names the points' shapes and dtypes beside the model's error."""
+        try:
+            return call()
+        except Exception as err:
+            raise ValueError(
+                f"The model could not be called on the points ({describe_points(x)}): "
+                f"{type(err).__name__}: {err}. Pass points the model takes (the shape and "
+                "dtype of its training batches), or `forward_fn(model, points) -> (N, C)`."
+            ) from err
 
     # ---------------------------------------------------------------------------------------
     # Discovery.
 
     def structure(self, x: Points) -> Structure:
         """The uses of every selected parameter, from forward passes of the first point."""
-        if self._structure is not None:
-            return self._structure
+        if self.discovery.structure is not None:
+            return self.discovery.structure
         found = Structure()
-        if self.method == NTKMethod.JACOBIAN:
+        if self.options.kernel_method == NTKMethod.JACOBIAN:
             found.generic = dict.fromkeys(self.names, "method='jacobian'")
-            self._structure = found
+            self.discovery.structure = found
             return found
         watched = list(self.names)
         one = take(x, slice(0, 1))
@@ -541,7 +369,7 @@ class NTKContext:
                     self.forward(self.params, one, capture)
             except Exception as err:
                 with torch.no_grad():  # the model's own error is the caller's to see
-                    self.forward(self.params, one)
+                    self._call_model(lambda: self.forward(self.params, one), x)
                 # A model the capture cannot run: everything generic.
                 found.generic.update(dict.fromkeys(watched, f"capture failed: {err}"))
                 found.uses, found.z_shapes = [], []
@@ -553,39 +381,40 @@ class NTKContext:
             found.generic.update(dict.fromkeys(opaque, "used in an operation no rule covers"))
             watched = [n for n in watched if n not in opaque]
         if found.uses:
-            found.capture = self._choose_capture(found, take(x, slice(0, min(3, num_points(x)))))
+            self._choose_capture(found, take(x, slice(0, min(3, num_points(x)))))
         used = {u.param for u in found.uses}
         for name in watched:
             if name not in used and name not in found.generic:
                 found.generic[name] = "no use seen"
-        self._structure = found
+        self.discovery.structure = found
         return found
 
-    def _choose_capture(self, found: Structure, sample: Points) -> str:
-        """How points are captured, from a trial on a few points: ``"batched"`` when the model
-        is batch-aligned (:meth:`_batch_aligned`) and a batched pass passes :meth:`_check`,
-        else ``"vmap"``, else (``vmap`` cannot batch the model) ``"per point"``."""
-        if self._batch_aligned(found, sample):
-            found.capture = "batched"
+    def _choose_capture(self, found: Structure, sample: Points) -> None:
+        """How points are captured, from a trial on a few points: batched when the model is
+        batch-aligned (:meth:`_batch_aligned`) and a batched pass passes :meth:`_check`, else
+        under ``vmap``, else (``vmap`` cannot batch the model) one point at a time."""
+        aligned = self._batch_aligned(found, sample)
+        if aligned is True:
+            found.fall_back(CaptureRoute.BATCHED, "")
             watched = {n: self.params[n] for n in found.structured}
             try:
                 grads, factors = self._batched_chunk(found, watched, sample)
                 if not self._check(found.uses, _use_factors(found.uses, grads, factors), sample):
                     found.checked = True  # on the points the first chunk starts with
-                    return "batched"
-            except RuntimeError:  # a shared output that cannot take a point dim
-                pass
-        found.capture = "vmap"
-        self._captured_chunk(found, sample)  # falls to "per point" if vmap cannot batch it
-        return found.capture
+                    return
+                aligned = "a batched pass did not match autograd on single points"
+            except RuntimeError as err:  # a shared output that cannot take a point dim
+                aligned = f"a batched pass failed: {err}"
+        found.fall_back(CaptureRoute.VMAP, aligned)
+        self._captured_chunk(found, sample)  # falls to one point at a time if vmap cannot
 
-    def _batch_aligned(self, found: Structure, x: Points) -> bool:
+    def _batch_aligned(self, found: Structure, x: Points) -> bool | str:
         """Whether every use's output has the points along dim 0 (alone, or merged point-major
         with positions, as ``x.view(-1, d)`` does) or is shared by all points (a positional
         table looked up without a batch dim), as in most models: then a chunk of points is
         captured in one batched pass, each point's positions in its own slice, a shared output
         perturbed per point by broadcasting (checked in :meth:`_check`; a model that fails
-        it is captured under ``vmap``)."""
+        it is captured under ``vmap``). Else, why not."""
         n = num_points(x)
         if n == 1:
             found.shared = [False] * len(found.z_shapes)
@@ -594,19 +423,20 @@ class NTKContext:
         try:
             with torch.no_grad():
                 self.forward(self.params, x, capture)
-        except Exception:
-            return False
+        except Exception as err:
+            return f"a pass over several points failed: {err}"
         if len(capture.z_shapes) != len(found.z_shapes):
-            return False
+            return "the operations on several points differ from those on one"
         pairs = list(zip(found.z_shapes, capture.z_shapes, strict=True))
         found.shared = [many == one for one, many in pairs]
-        return all(
+        aligned = all(
             many == one or (len(one) > 0 and many == (n * one[0], *one[1:])) for one, many in pairs
         )
+        return aligned or "an operation mixes the points with other dims"
 
     def _drop_from_structure(self, names: dict[str, str]) -> None:
         """Move parameters to the generic path after the check."""
-        s = self._structure
+        s = self.discovery.structure
         s.generic.update(names)
         s.uses = [u for u in s.uses if u.param not in names]
 
@@ -618,11 +448,11 @@ class NTKContext:
         watched = {n: self.params[n] for n in structure.structured}
         n = num_points(chunk)
         like = self.params[structure.uses[0].param]
-        if structure.capture == "batched":
+        if structure.capture == CaptureRoute.BATCHED:
             try:
                 return self._batched_chunk(structure, watched, chunk)
-            except RuntimeError:  # a shared output that cannot take a point dim
-                structure.capture = "vmap"
+            except RuntimeError as err:  # a shared output that cannot take a point dim
+                structure.fall_back(CaptureRoute.VMAP, f"a batched pass failed: {err}")
 
         def per_point(zs: tuple, point: Points) -> tuple[Tensor, tuple]:
             capture = self._capture(watched, zs)
@@ -630,14 +460,14 @@ class NTKContext:
             return out[0], tuple(capture.factors)
 
         differentiate = jacrev(per_point, has_aux=True)
-        if structure.capture == "vmap":
+        if structure.capture == CaptureRoute.VMAP:
             zs = tuple(like.new_zeros(n, *s) for s in structure.z_shapes)
             try:
                 with quiet_batching_fallback():
                     grads, factors = vmap(differentiate)(zs, chunk)
                 return list(grads), list(factors)
-            except RuntimeError:  # data-dependent control flow, or an op vmap cannot batch
-                structure.capture = "per point"
+            except RuntimeError as err:  # data-dependent control flow, or an op vmap cannot batch
+                structure.fall_back(CaptureRoute.PER_POINT, f"vmap could not batch it: {err}")
         zs = tuple(like.new_zeros(*s) for s in structure.z_shapes)
         results = [differentiate(zs, take(chunk, i)) for i in range(n)]
         grads = [torch.stack(g) for g in zip(*(r[0] for r in results), strict=True)]
@@ -679,30 +509,33 @@ class NTKContext:
         blocks, owners = self._assemble(uses, parts, n, c)
         for block in blocks:  # the capture's share of the budget, free again by now
             if isinstance(block, FactorBlock):
-                block.scratch_bytes = self.memory_budget // 4
+                block.scratch_bytes = self.budget.piece
         group = self.group_of or dict.fromkeys(self.names, "")
         generic = [m for m in self.names if m in structure.generic]
         for key in dict.fromkeys(group[m] for m in generic):  # one block per group
             names = [m for m in generic if group[m] == key]
             columns, size = generic_columns(
-                names, self.params, self.forward_one, x, c, self.memory_budget // 4
+                names, self.params, self.forward_one, x, c, self.budget.piece
             )
             blocks.append(self._column_block(columns, size, n, c))
             owners.append(names[0])
         groups = [group[m] for m in owners] if self.group_of else None
+        structure.checked = True  # the first chunk passed: later calls need not check again
         return Jacobian(blocks, n, c, self.dtype, self.device, groups)
 
     def num_outputs(self) -> int:
         """C, the (projected) outputs per point, from one forward pass made once."""
-        if self._num_outputs is None:
+        if self.discovery.num_outputs is None:
             self._resolve_projection(self.x1)
+            one = take(self.x1, slice(0, 1))
             with torch.no_grad():
-                self._num_outputs = self.forward(self.params, take(self.x1, slice(0, 1))).shape[1]
-        return self._num_outputs
+                out = self._call_model(lambda: self.forward(self.params, one), one)
+            self.discovery.num_outputs = out.shape[1]
+        return self.discovery.num_outputs
 
     def _column_block(self, columns, size: int, n: int, c: int) -> ColumnBlock:
         itemsize = torch.empty((), dtype=self.dtype).element_size()
-        return ColumnBlock(columns, size, n, c, itemsize, self.memory_budget // 4)
+        return ColumnBlock(columns, size, n, c, itemsize, self.budget.piece)
 
     def _factor_parts(self, structure: Structure, x: Points):
         """Per use, its factors ``g`` (N, T, C, H, B) and ``a`` for all points, chunk by
@@ -716,8 +549,9 @@ class NTKContext:
             per_use = _use_factors(structure.uses, grads, factors)
             if start == 0:
                 failed = {} if structure.checked else self._check(structure.uses, per_use, chunk)
-                if failed and structure.capture == "batched":
-                    structure.capture = "vmap"  # positions were not where the batch had them
+                if failed and structure.capture == CaptureRoute.BATCHED:
+                    reason = "a batched pass did not match autograd on single points"
+                    structure.fall_back(CaptureRoute.VMAP, reason)
                     return self._factor_parts(structure, x)
                 if failed:
                     self._drop_from_structure(failed)
@@ -744,7 +578,7 @@ class NTKContext:
         c = self.num_outputs()
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         per_point = 3 * c * itemsize * sum(math.prod(s) for s in structure.z_shapes)
-        return max(1, min(self.batch_size, n, self.memory_budget // 4 // max(per_point, 1)))
+        return max(1, min(self.batch_size, n, self.budget.piece // max(per_point, 1)))
 
     def _check(self, uses: list[Use], per_use, chunk: Points) -> dict[str, str]:
         """Parameters whose gradient, rebuilt from the factors for a random combination of
@@ -809,7 +643,7 @@ class NTKContext:
                 blocks.append(_factor_block([uses[i] for i in idx], [parts[i] for i in idx]))
             else:
                 columns = _columns_from_factors(
-                    [uses[i] for i in idx], [parts[i] for i in idx], n, c, self.memory_budget // 8
+                    [uses[i] for i in idx], [parts[i] for i in idx], n, c, self.budget.column_piece
                 )
                 blocks.append(self._column_block(columns, self.params[name].numel(), n, c))
         return blocks, owners

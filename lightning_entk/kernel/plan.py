@@ -14,15 +14,12 @@ import time
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from lightning_entk.kernel.context import (
-    NTKMethod,
-    ParamSelection,
-    ntk_context,
-)
+from lightning_entk.kernel.context import CaptureRoute, ntk_context
+from lightning_entk.kernel.options import KernelOptions
 from lightning_entk.kernel.factors import dense_flops, gram_flops
-from lightning_entk.kernel.points import ForwardFn, OutputFn, Points, num_points
+from lightning_entk.kernel.points import Points, num_points
 
 
 @dataclass(frozen=True)
@@ -54,6 +51,8 @@ class NTKPlan:
     factor_bytes: int = 0  # of the factors held for all points (grows with N)
     kernel_bytes: int = 0  # of the kernel and its running sum (grows with N^2)
     chunk_bytes: int = 0  # of one capture pass or generic block (bounded by the budget)
+    capture_reason: str = ""  # why points are not captured in one batched pass
+    num_groups: int = 0  # parameter groups whose kernels are formed besides the whole
 
     def peak_bytes(self, num_points: int | None = None) -> int:
         """Predicted peak of an evaluation on ``num_points`` points like these (default: the
@@ -68,10 +67,12 @@ class NTKPlan:
     def __str__(self) -> str:
         width = max([len(p.name) for p in self.parameters] + [9])
         note = {
-            "batched": "",
-            "vmap": "; points captured under vmap (the model mixes batch and other dims)",
-            "per point": "; one point at a time (vmap could not batch the model)",
-        }[self.capture]
+            "batched": "; points captured in batched passes",
+            "vmap": "; points captured under vmap",
+            "per point": "; points captured one at a time",
+        }[self.capture] + (f" ({self.capture_reason})" if self.capture_reason else "")
+        if all(p.route == "generic" for p in self.parameters):
+            note = ""
         peak = self.predicted_peak_bytes / 2**20
         lines = [
             f"eNTK plan: N={self.num_points}, C={self.num_outputs}, mode={self.mode!r}; predicted "
@@ -90,40 +91,34 @@ def ntk_plan(
     x2: Points | None = None,
     *,
     mode: str = "trace",
-    params: ParamSelection = None,
-    output_fn: OutputFn = None,
-    output_weights: Tensor | None = None,
-    method: str | NTKMethod = "auto",
-    batch_size: int = 256,
-    output_projections: int | Tensor | None = None,
-    forward_fn: ForwardFn = None,
-    memory_budget: int | None = None,
+    options: KernelOptions | None = None,
+    **kernel_options: object,
 ) -> NTKPlan:
-    """The route of every counted parameter and the predicted time and peak memory of
-    :func:`~lightning_entk.empirical_ntk` with the same arguments.
+    """The route of every counted parameter, how points are captured, and the predicted time
+    and peak memory of :func:`~lightning_entk.empirical_ntk` with the same arguments (the
+    groups' kernels included when ``groups`` is set).
 
     Example:
         >>> import torch
         >>> from torch import nn
         >>> model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
         >>> plan = ntk_plan(model, torch.randn(5, 3))
-        >>> sorted(set(plan.routes().values()))
-        ['structured']
+        >>> sorted(set(plan.routes().values())), plan.capture
+        (['structured'], 'batched')
     """
-    with ntk_context(
-        model, x1, x2, params, output_fn, output_weights, method, batch_size,
-        output_projections=output_projections, forward_fn=forward_fn, memory_budget=memory_budget,
-    ) as ctx:  # fmt: skip
+    options = KernelOptions.of(options, **kernel_options)
+    with ntk_context(model, x1, x2, options) as ctx:
         start = time.perf_counter()
         structure = ctx.structure(ctx.x1)
         forward_seconds = time.perf_counter() - start  # discovery and a trial capture
         c = ctx.num_outputs()
         n1 = num_points(ctx.x1)
         n2 = n1 if ctx.x2 is None else num_points(ctx.x2)
-        return _predict(ctx, structure, mode, c, n1, n2, forward_seconds)
+        groups = 0 if ctx.group_of is None else len(set(ctx.group_of.values()))
+        return _predict(ctx, structure, mode, c, n1, n2, forward_seconds, groups)
 
 
-def _predict(ctx, structure, mode, c, n1, n2, forward_seconds) -> NTKPlan:
+def _predict(ctx, structure, mode, c, n1, n2, forward_seconds, groups) -> NTKPlan:
     itemsize = torch.empty((), dtype=ctx.dtype).element_size()
     n = n1 + (0 if ctx.x2 is None else n2)
     rows, flops_total, factor_bytes = [], 0.0, 0
@@ -155,19 +150,20 @@ def _predict(ctx, structure, mode, c, n1, n2, forward_seconds) -> NTKPlan:
             factor_bytes += held
         flops_total += rows[-1].flops
     per_entry = {"trace": 1, "diagonal": c}.get(mode, c * c)
-    kernel_bytes = 2 * n1 * n2 * per_entry * itemsize  # the kernel and one block's share
-    capture_bytes = ctx.memory_budget // 4 if structure.uses else 0
-    generic_bytes = ctx.memory_budget // 4 if structure.generic else 0
-    chunk = max(capture_bytes, generic_bytes)
+    # The kernel and one block's share; with groups, each group's kernel and the whole.
+    kernel_bytes = (2 + groups) * n1 * n2 * per_entry * itemsize
+    chunk = ctx.budget.piece if structure.uses or structure.generic else 0
     peak = factor_bytes + kernel_bytes + chunk
     # Discovery ran the capture on (at most) 3 points: a batched pass over a chunk costs
     # about as much (overhead-bound), vmap a little more per point, one point at a time N/3.
-    per_trial = {"batched": 1 / 256, "vmap": 1 / 64}.get(structure.capture, 1 / 3)
+    per_trial = {CaptureRoute.BATCHED: 1 / 256, CaptureRoute.VMAP: 1 / 64}.get(
+        structure.capture, 1 / 3
+    )
     captures = max(1.0, n * per_trial) * forward_seconds if structure.uses else 0.0
     seconds = flops_total / _flop_rate(ctx.dtype, ctx.device) + captures
     return NTKPlan(
-        rows, n1, c, mode, seconds, int(peak), structure.capture, factor_bytes, kernel_bytes,
-        chunk,
+        rows, n1, c, mode, seconds, int(peak), structure.capture.value, factor_bytes,
+        kernel_bytes, chunk, structure.capture_reason, groups,
     )  # fmt: skip
 
 

@@ -96,6 +96,24 @@ def check_points(name: str, points: Points, like: Points | None = None) -> None:
             )
 
 
+def describe_points(points: Points) -> str:
+    """The structure, per-point shapes and dtypes of ``points``, for error messages.
+
+    Example:
+        >>> describe_points({"ids": torch.zeros(4, 8, dtype=torch.long)})
+        "dict {'ids': (4, 8) int64}"
+    """
+
+    def one(t: Tensor) -> str:
+        return f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"
+
+    if isinstance(points, Tensor):
+        return f"a tensor {one(points)}"
+    if isinstance(points, dict):
+        return "dict {" + ", ".join(f"{k!r}: {one(v)}" for k, v in points.items()) + "}"
+    return f"{type(points).__name__} (" + ", ".join(one(t) for t in leaves(points)) + ")"
+
+
 def call_model(model: nn.Module, points: Points) -> object:
     """``model(x)``, ``model(*points)`` or ``model(**points)`` with the keys it accepts."""
     if isinstance(points, dict):

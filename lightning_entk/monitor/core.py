@@ -1,0 +1,622 @@
+"""The monitor's core: a model, a probe set, two tiers of evaluation, an early warning, a sink.
+
+:class:`Monitor` knows no training framework. A training loop tells it where training is
+(:meth:`~Monitor.start`, then :meth:`~Monitor.step` with the optimizer step, the completed
+epochs and the metrics it has, then :meth:`~Monitor.end`), and it decides the rest:
+
+* the **sentinel** (:mod:`~lightning_entk.monitor.sentinel`), the readout's kernel on the
+  held-out probe points, read at every epoch's end as its share of the time allows;
+* **full evaluations** (:func:`~lightning_entk.evaluation.evaluate`: the whole kernel, its
+  spectrum and cliffs, every group's figures, images) when the schedule says so
+  (:mod:`~lightning_entk.schedule`: a time budget spent where the sentinel and the kernel move,
+  or a fixed cadence), and always at the start and the end of training;
+* the **early warning** (:class:`~lightning_entk.EarlyWarning`) from both;
+* what it logs, to any sink (:mod:`~lightning_entk.monitor.sinks`: a dict, a TensorBoard
+  ``SummaryWriter``, a logger), and its resumable state (:meth:`~Monitor.state_dict`).
+
+Under several processes a :class:`Collective` (the Lightning callback passes one over its
+strategy) shares the kernel's work and rank 0's decisions, so that every rank evaluates at the
+same steps and holds the same history.
+
+A plain training loop::
+
+    monitor = Monitor(model, probe, sink=SummaryWriter("runs/entk"))
+    monitor.start()
+    for epoch in range(1, epochs + 1):
+        ...  # train one epoch, measure val_acc
+        monitor.step(step=epoch, epoch=epoch, metrics={"val_acc": val_acc})
+    monitor.end(step=epochs, epoch=epochs)
+    print(monitor.summary())
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lightning_entk import plots
+from lightning_entk.distributed import combine_shares, failed_share, kernel_share
+from lightning_entk.early_warning import EarlyWarning, EvaluationRecord, PhaseTransition
+from lightning_entk.evaluation import Evaluation, evaluate, probe_within_budget
+from lightning_entk.kernel import KernelOptions, MemoryBudget, ntk_plan
+from lightning_entk.kernel.points import num_points, to_device
+from lightning_entk.milestones import first_epoch_reaching
+from lightning_entk.monitor import keys
+from lightning_entk.monitor.sentinel import Reading, Sentinel
+from lightning_entk.monitor.sinks import Sink, as_sink, tensorboard_layout
+from lightning_entk.probe import ProbeSet, as_probe_set
+from lightning_entk.schedule import Clock, Schedule, TimeBudget
+
+log = logging.getLogger("lightning_entk")
+
+SUMMARY_FILENAME = "entk_summary.png"
+LEVELS = (0.5, 0.95)  # of the watched metric, in the summary
+
+
+class Collective(Protocol):
+    """Collective operations among the processes of a run (one process: :class:`Alone`)."""
+
+    rank: int
+    world_size: int
+
+    def broadcast(self, obj: object, src: int = 0) -> object: ...
+
+    def all_gather(self, tensor: Tensor) -> Tensor: ...
+
+
+class Alone:
+    """A single process: broadcasting returns the object, gathering stacks one tensor."""
+
+    rank = 0
+    world_size = 1
+
+    def broadcast(self, obj: object, src: int = 0) -> object:
+        return obj
+
+    def all_gather(self, tensor: Tensor) -> Tensor:
+        return tensor[None]
+
+
+class Monitor:
+    """The empirical NTK of a model on a fixed probe set, watched while it trains (see the
+    module docstring).
+
+    Args:
+        model: the model being trained (read, never changed).
+        probe: the probe set: a :class:`~lightning_entk.ProbeSet`, points, ``(points, y)``, a
+            ``Dataset`` or a ``DataLoader`` (see :func:`~lightning_entk.probe.as_probe_set`).
+            With labels and held-out points (validation points, not trained on) the monitor
+            logs kernel regression and alignment, and the sentinel reads the readout.
+        mode: ``"trace"`` (N x N, the *sum* over outputs) or ``"flatten"`` (C*N x C*N).
+        kernel: how the kernel is computed (:class:`~lightning_entk.kernel.KernelOptions`;
+            default ``KernelOptions(groups="auto")``, the whole kernel and a few parameter
+            groups). Its ``memory_budget`` is what one full evaluation may allocate in all:
+            the engine gets half, the dense kernel work the rest; a probe set that would not
+            fit is cut to the largest seeded subset that does, with a warning.
+        schedule: when full evaluations are made (:mod:`~lightning_entk.schedule`); default
+            :class:`~lightning_entk.TimeBudget` (20% of the training time, sentinel included).
+        sentinel: the readout's reading at every epoch (:class:`Sentinel`, ``True`` for the
+            default one, ``False`` for none).
+        early_warning: the detector (``True``: ``EarlyWarning(accuracy_key)``; ``False``: none).
+        accuracy_key: the metric of the network's own, among those passed to :meth:`step`,
+            that the early warning and the summary measure leads against.
+        sink: where to write (:func:`~lightning_entk.monitor.sinks.as_sink`: ``None`` or a
+            dict, a ``SummaryWriter``, a logger, a sink).
+        on_transition: called with each :class:`~lightning_entk.PhaseTransition` raised.
+        cliff_options: keyword arguments for :func:`~lightning_entk.find_cliffs`.
+        image_every_n_evaluations: images at every n-th full evaluation (when the budget
+            affords them) and of the last one; 0 for none.
+        collective: the run's processes (default: one).
+        clock: the monitor's clock (default: a new :class:`~lightning_entk.schedule.Clock`).
+
+    Raises:
+        ValueError: for invalid arguments, or a probe set the model cannot take (its shapes
+            and dtypes named beside the model's error).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        probe: object,
+        *,
+        mode: str = "trace",
+        kernel: KernelOptions | None = None,
+        schedule: Schedule | None = None,
+        sentinel: Sentinel | bool = True,
+        early_warning: EarlyWarning | bool = True,
+        accuracy_key: str | None = "val_acc",
+        sink: object = None,
+        on_transition: Callable[[PhaseTransition], None] | None = None,
+        cliff_options: Mapping[str, object] | None = None,
+        image_every_n_evaluations: int = 25,
+        collective: Collective | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        check_monitor_options(mode, kernel, sentinel, early_warning, on_transition,
+                              image_every_n_evaluations)  # fmt: skip
+        self.model = model
+        self.mode = mode
+        self.kernel = KernelOptions(groups="auto") if kernel is None else kernel
+        self.collective = collective or Alone()
+        if self.collective.world_size > 1 and self.kernel.groups is not None:
+            log.info("ENTKMonitor: under several processes only the whole kernel is logged.")
+            self.kernel = self.kernel.replace(groups=None)
+        self.budget = MemoryBudget(self.kernel.memory_budget)
+        self.engine = self.kernel.replace(memory_budget=self.budget.engine_share().total)
+        self.schedule = TimeBudget() if schedule is None else schedule
+        self.sentinel = _resolve(sentinel, Sentinel)
+        self.early_warning = _resolve(early_warning, lambda: EarlyWarning(accuracy_key))
+        self.accuracy_key = accuracy_key
+        self.sink: Sink = as_sink(sink)
+        self.on_transition = on_transition
+        self.cliff_options = dict(cliff_options or {})
+        self.image_every_n_evaluations = image_every_n_evaluations
+        self.clock = clock or Clock()
+
+        self.history: list[EvaluationRecord] = []  # full evaluations
+        self.readings: list[Reading] = []  # sentinel readings
+        self.watched: dict[int, float] = {}  # completed epochs -> the watched metric
+        self.transitions: list[PhaseTransition] = []
+        self.summary_path: Path | None = None
+        self._previous_kernel: Tensor | None = None
+        self._last_result: Evaluation | None = None
+        self._pictured_step: int | None = None
+        self._image_seconds = 0.0
+        self._warned_missing_metric = False
+        self._summary = None
+        self._rows_per_point = 1
+
+        self.probe = self._fit_probe(as_probe_set(probe))
+        self._features, self._feature_pairs = self._ground_truth()
+        if self.sentinel is not None:
+            reason = self.sentinel.setup(model, self.probe, self.engine)
+            if reason:
+                log.info(f"ENTKMonitor: the sentinel is off: {reason}.")
+            elif self.early_warning is not None:
+                self.early_warning.readout_group = self.sentinel.group
+
+    # ----------------------------------------------------------------------------------------
+    # What a training loop calls
+
+    def start(self, step: int = 0, epoch: int = 0) -> None:
+        """Training starts: the clock runs; the kernel at initialization (unless resumed)."""
+        if self.collective.rank == 0 and self.sink is not None:
+            self.sink.layout(tensorboard_layout(self.accuracy_key, self.kernel.groups is not None))
+        self.clock.start()
+        if not self.history:
+            self._read_sentinel(step, epoch, epoch_end=True)
+            self._full_evaluation(step, epoch, final=False)
+
+    def step(
+        self,
+        step: int,
+        epoch: int,
+        metrics: Mapping[str, float] | None = None,
+        *,
+        epoch_end: bool = True,
+    ) -> list[PhaseTransition]:
+        """Training reached optimizer ``step`` with ``epoch`` completed epochs (at an epoch's
+        end when ``epoch_end``, else after a training batch); ``metrics``: the network's own,
+        as measured now (e.g. ``{"val_acc": 0.4}``). Reads the sentinel and makes a full
+        evaluation when due; returns the phase transitions raised."""
+        raised = len(self.transitions)
+        if epoch_end and metrics:
+            self._watch(epoch, metrics)
+        if self.sentinel is not None and self.sentinel.due(step):
+            self._read_sentinel(step, epoch, epoch_end)
+        if self._last_step() != step and self.schedule.due(step, epoch, epoch_end):
+            if self._decide(lambda: self.schedule.allows(step, self.clock)):
+                self._full_evaluation(step, epoch, final=False)
+        return self.transitions[raised:]
+
+    def end(self, step: int, epoch: int, metrics: Mapping[str, float] | None = None) -> None:
+        """Training ended: the kernel at the end (unless just evaluated), the last images, and
+        the summary figure in the sink's directory."""
+        if metrics:
+            self._watch(epoch, metrics)
+        if self._last_step() != step:
+            self._full_evaluation(step, epoch, final=True)
+        elif self._pictured_step != step and self._last_result is not None and self._images():
+            self._draw_images(self._last_result, step)
+        if self.collective.rank == 0 and self.history and self.sink.log_dir is not None:
+            with self.clock.charge("images"):
+                self.summary_path = self._save_summary_figure(Path(self.sink.log_dir))
+
+    # ----------------------------------------------------------------------------------------
+    # Results
+
+    @property
+    def monitor_seconds(self) -> float:
+        return self.clock.monitor_seconds
+
+    def first_epoch_reaching(self, level: float) -> int | None:
+        """The first completed epoch at which the watched metric (``accuracy_key``, as passed
+        to :meth:`step`) was at least ``level``; ``None`` if it never was."""
+        epochs = sorted(self.watched)
+        return first_epoch_reaching(epochs, [self.watched[e] for e in epochs], level)
+
+    def summary(self) -> str:
+        """A one-screen text summary: what the monitor cost beside training, when the watched
+        metric crossed 0.5 and 0.95, each phase-transition signal with its lead, and the cliffs
+        at the start and the end."""
+        lines = ["", "=" * 72, "eNTK monitor summary", "=" * 72]
+        trained, spent = self.clock.training_seconds(), self.clock.spent
+        if trained > 0:
+            share = self.monitor_seconds / trained
+            lines.append(
+                f"training {trained:.1f} s; monitor {self.monitor_seconds:.1f} s more ({share:.0%})"
+                f": {len(self.readings)} sentinel readings {spent.get('sentinel', 0.0):.1f} s, "
+                f"{len(self.history)} full evaluations {spent.get('evaluation', 0.0):.1f} s, "
+                f"images and figures {spent.get('images', 0.0):.1f} s"
+            )
+        key = self.accuracy_key
+        crossed = {level: self.first_epoch_reaching(level) for level in LEVELS}
+        for level, epoch in crossed.items():
+            seen = f"epoch {epoch}" if epoch is not None else "not reached"
+            lines.append(f"{key} >= {level:<5} first at {seen} (read at every epoch it was passed)")
+        lines.append(f"phase-transition signals: {len(self.transitions) or 'none raised'}")
+        for transition in self.transitions:
+            lines.append(f"    {transition.describe()}")
+            lines.append(f"        {describe_lead(transition.epoch, crossed[LEVELS[0]], key)}")
+        for label, record in (("start", self.history[:1]), ("end", self.history[-1:])):
+            for r in record:
+                ranks = ", ".join(f"{c.rank} (x{10**c.drop:.2f})" for c in r.cliffs) or "none"
+                lines.append(f"cliffs at {label:<5} (epoch {r.epoch:>4}): ranks {ranks}")
+        lines += ["", f"summary figure:   {self.summary_path or 'not written'}", "=" * 72]
+        return "\n".join(lines)
+
+    def summary_figure(self):
+        """The spectrum's evolution over the full evaluations, cliffs marked; below, the
+        watched metric at every epoch, the sentinel's readout alignment at every reading and
+        kernel regression at every full evaluation, alarms as verticals."""
+        drawn_for = (len(self.history), len(self.readings), len(self.watched), len(self.transitions))
+        if self._summary is None or self._summary[0] != drawn_for:
+            figure = plots.plot_history(
+                self.history, self.accuracy_key, self.transitions, self.readings, self.watched
+            )
+            self._summary = (drawn_for, figure)
+        return self._summary[1]
+
+    def state_dict(self) -> dict:
+        return {
+            "history": [r.to_state() for r in self.history],
+            "readings": [r.to_state() for r in self.readings],
+            "watched": dict(self.watched),
+            "transitions": [vars(t) for t in self.transitions],
+            "early_warning": None if self.early_warning is None else self.early_warning.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "sentinel": None if self.sentinel is None else self.sentinel.state_dict(),
+            "probe": vars(self.probe),
+            "previous_kernel": self._previous_kernel,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state`` (of :meth:`state_dict`); the clock counts afresh (another
+        process's seconds are not this one's)."""
+        self.history = [EvaluationRecord.from_state(r) for r in state["history"]]
+        self.readings = [Reading.from_state(r) for r in state.get("readings", [])]
+        self.watched = dict(state.get("watched", {}))
+        self.transitions = [PhaseTransition(**t) for t in state["transitions"]]
+        if self.early_warning is not None and state.get("early_warning") is not None:
+            self.early_warning.load_state_dict(state["early_warning"])
+        self.schedule.load_state_dict(state.get("schedule", {}))
+        if self.sentinel is not None and state.get("sentinel") is not None:
+            self.sentinel.load_state_dict(state["sentinel"])
+        self._previous_kernel = state.get("previous_kernel")
+        self.clock.restart()
+
+    # ----------------------------------------------------------------------------------------
+    # The sentinel
+
+    def _read_sentinel(self, step: int, epoch: int, epoch_end: bool) -> None:
+        if self.sentinel is None or not self.sentinel.ready:
+            return
+        with self.clock.charge("sentinel"):
+            began = self.clock.now()
+            values = None
+            if self.collective.rank == 0:
+                values = self._safely("its sentinel reading", step, self.sentinel.read)
+                cost = self.clock.now() - began
+                self.sentinel.schedule_next(step, cost, self.clock, epoch_end)
+                if values is not None:
+                    values[keys.SENTINEL_SECONDS] = cost
+            values, state = self.collective.broadcast((values, self.sentinel.state_dict()))
+            self.sentinel.load_state_dict(state)
+            if values is None:
+                return
+            reading = Reading(epoch, step, values)
+            self.readings.append(reading)
+            self.schedule.observe(step, values)
+            self._detect(reading)
+            self.sink.scalars(values, step)
+
+    # ----------------------------------------------------------------------------------------
+    # Full evaluations
+
+    def _full_evaluation(self, step: int, epoch: int, final: bool) -> None:
+        with self.clock.charge("evaluation"):
+            began = self.clock.now()
+            kernel = self._shared_kernel() if self.collective.world_size > 1 else None
+            result = None
+            if self.collective.rank == 0:
+                result = self._safely("its evaluation", step, lambda m: self._evaluate(m, kernel))
+            if result is not None:
+                result.metrics[keys.SECONDS] = self.clock.now() - began
+            payload = None if result is None else (result.eigenvalues, result.cliffs, result.metrics)
+            payload = self.collective.broadcast(payload)
+            if payload is not None:
+                logged = self.clock.now()
+                self._record(step, epoch, *payload)
+                if result is not None:
+                    self.sink.scalars({keys.SECONDS_LOGGING: self.clock.now() - logged}, step, local=True)
+            cost = self.clock.now() - began
+        if result is not None:
+            self._extras(result, step, final)
+        if self.collective.rank == 0:
+            metrics = {} if payload is None else dict(payload[2])
+            if self.readings:
+                metrics.update(self.readings[-1].metrics)
+            self.schedule.record(step, cost, metrics, self.clock)
+        self.schedule.load_state_dict(self.collective.broadcast(self.schedule.state_dict()))
+
+    def _evaluate(self, model: nn.Module, kernel: Tensor | None) -> Evaluation:
+        result = evaluate(
+            model,
+            self.probe,
+            mode=self.mode,
+            options=self.engine,
+            previous_kernel=self._previous_kernel,
+            features=self._features,
+            cliff_options=self.cliff_options,
+            kernel=kernel,
+        )
+        self._previous_kernel = result.kernel.to(torch.float32)
+        return result
+
+    def _record(self, step: int, epoch: int, eigenvalues, cliffs, metrics: dict) -> None:
+        """Append to the history, run the detector and log the scalars (on every rank)."""
+        watched = self.watched.get(epoch)
+        if watched is not None:
+            metrics[self.accuracy_key] = watched
+        record = EvaluationRecord(epoch, step, eigenvalues, cliffs, metrics)
+        self.history.append(record)
+        self._detect(record)
+        scalars = {k: v for k, v in metrics.items() if k.startswith(keys.PREFIX)}
+        scalars[keys.TRANSITIONS] = float(len(self.transitions))
+        self.sink.scalars(scalars, step)
+
+    def _shared_kernel(self) -> Tensor | None:
+        """Under several processes, each computes a share of the probe kernel
+        (:mod:`~lightning_entk.distributed`) and rank 0 receives it whole (the others
+        ``None``). A rank that fails sends NaN, so that none waits forever."""
+        world, rank = self.collective.world_size, self.collective.rank
+        device = next(self.model.parameters()).device
+        x = to_device(self.probe.x, device)
+        n = num_points(x)
+        try:
+            with preserved_rng():
+                share = kernel_share(self.model, x, world, rank, mode=self.mode, options=self.engine)
+        except Exception as err:
+            warnings.warn(f"ENTKMonitor: kernel part failed on rank {rank}: {err!r}", stacklevel=2)
+            share = failed_share(n, world, self.mode, self._rows_per_point, device)
+        shares = self.collective.all_gather(share)
+        if rank != 0:
+            return None
+        return combine_shares(shares, self.mode, n, self._rows_per_point)
+
+    # ----------------------------------------------------------------------------------------
+    # The detector, images, logging
+
+    def _detect(self, record) -> None:
+        if self.early_warning is None:
+            return
+        for transition in self.early_warning.update(record):
+            self.transitions.append(transition)
+            self._announce(transition)
+
+    def _announce(self, transition: PhaseTransition) -> None:
+        if self.collective.rank == 0:
+            log.info(f"ENTKMonitor: phase transition ahead? {transition.describe()}")
+            self.sink.text(keys.TRANSITIONS_TEXT, transition.describe(), transition.step)
+        if self.on_transition is not None:
+            try:
+                self.on_transition(transition)
+            except Exception as err:
+                self._warn(f"ENTKMonitor: the `on_transition` hook raised {err!r}; continuing.")
+
+    def _images(self) -> bool:
+        return self.image_every_n_evaluations > 0 and self.sink.images
+
+    def _extras(self, result: Evaluation, step: int, final: bool) -> None:
+        """Rank 0: the histogram; the images at every n-th evaluation and at the end, when the
+        budget affords them."""
+        self._last_result = result
+        if not self._images():
+            return
+        with self.clock.charge("images"):
+            began = self.clock.now()
+            positive = result.eigenvalues[result.eigenvalues > 0]
+            if positive.size:
+                self.sink.histogram(keys.EIGENVALUE_HISTOGRAM, np.log10(positive), step)
+            count = len(self.history) - 1  # evaluations since initialization
+            draw = final or (count > 0 and count % self.image_every_n_evaluations == 0)
+            if draw and self.schedule.affords(self._image_seconds, self.clock):
+                self._draw_images(result, step)
+            self.sink.scalars({keys.SECONDS_IMAGES: self.clock.now() - began}, step, local=True)
+
+    def _draw_images(self, result: Evaluation, step: int) -> None:
+        began = time.perf_counter()
+        try:
+            figures = plots.plot_evaluation(
+                result.eigenvalues,
+                result.cliffs,
+                self.history[-1].epoch,
+                result.eigenvectors,
+                self._features,
+                self._feature_pairs,
+            )
+            figures[keys.EVOLUTION_IMAGE] = self.summary_figure()
+            self.sink.figures(figures, step)
+        except Exception as err:
+            self._warn(f"ENTKMonitor could not draw its images: {err!r}")
+        self._image_seconds = time.perf_counter() - began
+        self._pictured_step = step
+
+    def _save_summary_figure(self, directory: Path) -> Path | None:
+        try:
+            path = directory / SUMMARY_FILENAME
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.summary_figure().savefig(path, dpi=100)
+            log.info(f"ENTKMonitor: summary figure saved to {path}")
+            return path
+        except Exception as err:  # a figure must never fail the run
+            self._warn(f"ENTKMonitor could not save its summary figure: {err!r}")
+            return None
+
+    # ----------------------------------------------------------------------------------------
+    # Helpers
+
+    def _watch(self, epoch: int, metrics: Mapping[str, float]) -> None:
+        """Keep the watched metric of ``epoch``; warn once if it is not among ``metrics``."""
+        if self.accuracy_key is None:
+            return
+        if self.accuracy_key in metrics:
+            self.watched[epoch] = float(metrics[self.accuracy_key])
+        elif not self.watched and not self._warned_missing_metric:
+            self._warned_missing_metric = True
+            self._warn(
+                f"ENTKMonitor: the watched metric `accuracy_key`={self.accuracy_key!r} is not "
+                f"among the metrics ({sorted(metrics)[:8]}); the early warning's lead cannot be "
+                "measured. Pass the name of the network's validation accuracy as "
+                "`accuracy_key`, or accuracy_key=None."
+            )
+
+    def _decide(self, decision: Callable[[], bool]) -> bool:
+        """Rank 0's ``decision`` (and the schedule's state after it), on every rank."""
+        if self.collective.world_size == 1:
+            return decision()
+        made = decision() if self.collective.rank == 0 else None
+        made, state = self.collective.broadcast((made, self.schedule.state_dict()))
+        self.schedule.load_state_dict(state)
+        return made
+
+    def _safely(self, what: str, step: int, compute: Callable[[nn.Module], object]):
+        """``compute(model)`` with the RNG states preserved, or a warning and ``None`` if it
+        fails: monitoring never ends the user's run."""
+        try:
+            with preserved_rng():
+                return compute(self.model)
+        except Exception as err:
+            self._warn(f"ENTKMonitor skipped {what} at step {step}: {type(err).__name__}: {err}")
+            return None
+
+    def _warn(self, message: str) -> None:
+        if self.collective.rank == 0:
+            warnings.warn(message, UserWarning, stacklevel=3)
+
+    def _last_step(self) -> int | None:
+        return self.history[-1].step if self.history else None
+
+    def _fit_probe(self, probe: ProbeSet) -> ProbeSet:
+        """``probe``, or the largest seeded subset of it that fits the memory budget (with a
+        warning); tries the probe on the model and logs each parameter's route."""
+        device = next(self.model.parameters()).device
+        with preserved_rng():
+            plan = ntk_plan(
+                self.model,
+                to_device(probe.x, device),
+                mode="full" if self.mode == "flatten" else "trace",
+                options=self.engine,
+            )
+        self._rows_per_point = plan.num_outputs if self.mode == "flatten" else 1
+        if self.collective.rank == 0:
+            log.info(f"ENTKMonitor: {plan}")
+        probe, warning = probe_within_budget(probe, plan, self.budget.total, self._rows_per_point)
+        if warning:
+            self._warn(warning)
+        return probe
+
+    def _ground_truth(self) -> tuple[dict[str, Tensor], bool]:
+        """The model's ground-truth features on the probe (``entk_ground_truth``), if any."""
+        ground_truth = getattr(self.model, "entk_ground_truth", None)
+        if not callable(ground_truth):
+            return {}, False
+        device = next(self.model.parameters()).device
+        features = dict(ground_truth(to_device(self.probe.x, device), self.mode))
+        return features, bool(getattr(self.model, "entk_feature_pairs", False))
+
+
+def describe_lead(alarm_epoch: int, crossed: int | None, key: str | None) -> str:
+    """How far ahead of the watched metric's crossing an alarm came.
+
+    Example:
+        >>> describe_lead(63, 85, "val_acc")
+        '22 epochs before val_acc >= 0.5 (26% of the 85 epochs to it): an early warning'
+    """
+    if crossed is None:
+        return f"{key} never reached 0.5 (so far)"
+    lead = crossed - alarm_epoch
+    if lead > 0:
+        return (
+            f"{lead} epochs before {key} >= 0.5 ({lead / crossed:.0%} of the {crossed} epochs "
+            "to it): an early warning"
+        )
+    return f"{-lead} epochs after {key} >= 0.5: not ahead of it"
+
+
+def check_monitor_options(
+    mode, kernel, sentinel, early_warning, on_transition, image_every_n_evaluations
+) -> None:
+    """Raise ``ValueError`` for a monitor argument of the wrong kind or out of range."""
+    if mode not in ("trace", "flatten"):
+        raise ValueError(f"`mode` must be 'trace' or 'flatten' (a square kernel), got {mode!r}.")
+    if kernel is not None and not isinstance(kernel, KernelOptions):
+        raise ValueError(f"`kernel` must be a KernelOptions or None, got {type(kernel).__name__}.")
+    if kernel is not None:
+        from lightning_entk.kernel import check_projection_mode
+
+        check_projection_mode(kernel.output_projections, mode)
+    for name, value, kind in (
+        ("sentinel", sentinel, Sentinel),
+        ("early_warning", early_warning, EarlyWarning),
+    ):
+        if not (isinstance(value, bool) or isinstance(value, kind)):
+            raise ValueError(
+                f"`{name}` must be True, False or a {kind.__name__}, got {type(value).__name__}."
+            )
+    if on_transition is not None and not callable(on_transition):
+        raise ValueError(f"`on_transition` must be callable, got {type(on_transition).__name__}.")
+    value = image_every_n_evaluations
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"`image_every_n_evaluations` must be an int >= 0, got {value!r}.")
+
+
+def _resolve(value, default: Callable[[], object]):
+    """``True``: ``default()``; ``False``: ``None``; an instance: itself."""
+    if value is True:
+        return default()
+    return None if value is False else value
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Restore torch (CPU and CUDA), numpy and Python RNG states on exit."""
+    numpy_state, python_state = np.random.get_state(), random.getstate()  # noqa: NPY002
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            np.random.set_state(numpy_state)  # noqa: NPY002
+            random.setstate(python_state)
+

@@ -1,0 +1,184 @@
+"""The sentinel: the cheap, frequent tier of the monitor.
+
+A full evaluation (the whole kernel, its spectrum and cliffs, every group's figures, images)
+costs many training epochs on a small model, so no schedule of full evaluations can be both
+cheap and dense. The signal that warns of generalisation is cheap by nature: the kernel of the
+*readout* (the last parameter group of ``groups="auto"``: the output layer, the unembedding).
+For a linear readout ``y = W h + b`` its trace eNTK is ``C (h(x) . h(x') + 1)``: one forward
+pass and one Gram matrix. The sentinel computes exactly that kernel, through the engine (so a
+tied, transposed or non-linear readout is exact too, and discovery is paid once), on the
+held-out probe points only, and from it the debiased held-out alignment
+(:func:`~lightning_entk.evaluation.debiased_alignment`): how far the features feeding the
+output line up with labels the network was not trained on.
+
+It runs at every epoch's end (and every few steps of a long epoch), as often as its own share
+of the training time allows (``share``, 10% by default): after each reading the gap to the
+next is the reading's cost over ``share`` times the training seconds per step, at least one
+step, and at least a tenth of an epoch's steps.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from lightning_entk.evaluation import MIN_DEBIASED_POINTS, debiased_alignment
+from lightning_entk.kernel import (
+    KernelOptions,
+    ParamSelection,
+    empirical_ntk,
+    num_outputs,
+    select_parameters,
+)
+from lightning_entk.kernel.options import automatic_groups
+from lightning_entk.kernel.points import num_points, take, to_device
+from lightning_entk.monitor import keys
+from lightning_entk.probe import ProbeSet
+from lightning_entk.schedule import Clock
+
+DEFAULT_SHARE = 0.1  # of the training time, at most
+READINGS_PER_EPOCH = 10  # at most, on long epochs
+MAX_POINTS = 512  # held-out points read (a seeded subset of more): the Gram is N^2 d
+MAX_OUTPUTS = 64  # more outputs (a language model's vocabulary): estimated from projections
+
+
+@dataclass
+class Reading:
+    """One sentinel reading: completed ``epoch``, optimizer ``step``, and its ``entk/sentinel/``
+    scalars (:mod:`~lightning_entk.monitor.keys`)."""
+
+    epoch: int
+    step: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def to_state(self) -> dict:
+        return {"epoch": self.epoch, "step": self.step, "metrics": dict(self.metrics)}
+
+    @classmethod
+    def from_state(cls, state: dict) -> Reading:
+        return cls(state["epoch"], state["step"], dict(state["metrics"]))
+
+
+class Sentinel:
+    """The readout's kernel on the held-out probe points, read often (see the module
+    docstring).
+
+    Args:
+        readout: the readout's parameters: names or a predicate as in
+            :class:`~lightning_entk.kernel.KernelOptions` ``params``; ``None`` for the last
+            group of :func:`~lightning_entk.kernel.options.automatic_groups`.
+        share: the sentinel's share of the training time, at most.
+
+    Raises:
+        ValueError: for a ``share`` outside (0, 1].
+    """
+
+    def __init__(self, readout: ParamSelection = None, share: float = DEFAULT_SHARE) -> None:
+        if isinstance(share, bool) or not isinstance(share, int | float) or not 0 < share <= 1:
+            raise ValueError(f"`share` must be a number in (0, 1], got {share!r}.")
+        self.readout = readout
+        self.share = float(share)
+        self.group: str | None = None  # the readout's name, once set up
+        self.off_reason: str | None = "not set up"
+        self._points = None
+        self._targets: Tensor | None = None
+        self._options: KernelOptions | None = None
+        self._state = {
+            "next_step": 0, "count": 0, "costs": [], "epoch_step": None, "steps_per_epoch": None
+        }  # fmt: skip
+
+    def setup(self, model: nn.Module, probe: ProbeSet, options: KernelOptions) -> str | None:
+        """Choose the readout and the points; ``None`` when ready, else why the sentinel is
+        off (a probe without labels or held-out points)."""
+        if probe.y is None or probe.heldout is None:
+            self.off_reason = "the probe has no labels or no held-out points"
+            return self.off_reason
+        held = probe.heldout.nonzero().flatten()
+        if len(held) < MIN_DEBIASED_POINTS:
+            self.off_reason = f"fewer than {MIN_DEBIASED_POINTS} held-out probe points"
+            return self.off_reason
+        if len(held) > MAX_POINTS:
+            generator = torch.Generator().manual_seed(0)
+            held = held[torch.randperm(len(held), generator=generator)[:MAX_POINTS]].sort().values
+        counted = select_parameters(model, options.params)
+        if self.readout is None:
+            group_of = automatic_groups(model, counted)
+            self.group = keys.readout_group(group_of)
+            names = [n for n in counted if group_of[n] == self.group]
+        else:
+            names = select_parameters(model, self.readout)
+            self.group = _common_prefix(names)
+        device = next(model.parameters()).device
+        self._points = to_device(take(probe.x, held), device)
+        labels = probe.y[held.to(probe.y.device)].to(device).long()
+        self._targets = torch.nn.functional.one_hot(labels)  # only equal labels matter
+        self._options = options.replace(params=names, groups=None)
+        outputs = num_outputs(model, self._points, options.output_fn, options.forward_fn)
+        if outputs > MAX_OUTPUTS and options.output_projections is None:
+            self._options = self._options.replace(output_projections=MAX_OUTPUTS)
+        self.off_reason = None
+        return None
+
+    @property
+    def ready(self) -> bool:
+        return self.off_reason is None
+
+    @property
+    def num_points(self) -> int:
+        return 0 if self._points is None else num_points(self._points)
+
+    def due(self, step: int) -> bool:
+        """Whether a reading is due at ``step`` (the same on every process)."""
+        return self.ready and step >= self._state["next_step"]
+
+    def read(self, model: nn.Module) -> dict[str, float]:
+        """The reading's scalars: the readout's debiased held-out alignment.
+
+        Raises:
+            FloatingPointError: if the kernel is not finite.
+        """
+        kernel = empirical_ntk(model, self._points, options=self._options)
+        if not torch.isfinite(kernel).all():
+            raise FloatingPointError("the readout's kernel has NaN or inf entries")
+        return {keys.SENTINEL_ALIGNMENT: debiased_alignment(kernel, self._targets)}
+
+    def schedule_next(self, step: int, cost: float, clock: Clock, epoch_end: bool) -> None:
+        """Set the step of the next reading after one at ``step`` that took ``cost`` seconds."""
+        state = self._state
+        state["count"] += 1
+        if state["count"] > 1:  # the first reading paid for the engine's discovery
+            state["costs"] = [*state["costs"][-2:], cost]
+        if epoch_end:
+            if state["epoch_step"] is not None:
+                state["steps_per_epoch"] = step - state["epoch_step"]
+            state["epoch_step"] = step
+        trained = clock.training_seconds()
+        gap = 1
+        if state["costs"] and trained > 0 and step > 0:
+            per_step = trained / step
+            expected = statistics.median(state["costs"])
+            gap = max(gap, math.ceil(expected / (self.share * per_step)))
+        if state["steps_per_epoch"]:
+            gap = max(gap, math.ceil(state["steps_per_epoch"] / READINGS_PER_EPOCH))
+        state["next_step"] = step + gap
+
+    def state_dict(self) -> dict:
+        return {**self._state, "costs": list(self._state["costs"])}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._state.update(state)
+
+
+def _common_prefix(names: list[str]) -> str:
+    """A name for a set of parameters: their common module path, or the first's module."""
+    parts = [n.split(".")[:-1] for n in names]
+    common = []
+    for level in zip(*parts, strict=False):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    return ".".join(common) or names[0].rsplit(".", 1)[0] or names[0]
