@@ -28,12 +28,12 @@ from example_modules.reproduce import (
     cliff_appearance,
     cliff_segments,
     expected_cliff_ranks,
-    first_epoch_at_least,
     main,
     paper_tms_agreement,
     render_results_markdown,
 )
 from lightning_entk import Cliff, empirical_ntk, find_cliffs, subspace_overlap
+from lightning_entk.milestones import first_epoch_reaching as first_epoch_at_least
 
 MODULAR_FIGURES = {
     "modular_spectrum_init.png",
