@@ -40,7 +40,7 @@ from lightning.pytorch import Callback
 from lightning.pytorch.loggers import CSVLogger
 
 from example_modules.modular_transformer import ModularTransformer, ModularTransformerDataModule
-from lightning_entk import ENTKMonitor, empirical_ntk
+from lightning_entk import ENTKMonitor, KernelOptions, empirical_ntk
 
 EPOCHS = 6
 PROBE_POINTS = {"trace": 841, "flatten": 150}
@@ -74,8 +74,9 @@ def evaluation_seconds(devices: int, mode: str, widths: dict) -> list[float]:
                     every_n_epochs=1,
                     mode=mode,
                     max_probe_points=PROBE_POINTS[mode],
-                    groups=None,  # one process logs groups, several do not: compare like
-                    log_images=False,
+                    kernel=KernelOptions(),  # no groups: several processes log none
+                    sentinel=False,  # the full evaluation is what is split
+                    image_every_n_evaluations=0,
                 ),
                 ReleaseProcessGroupAtExit(),
             ],

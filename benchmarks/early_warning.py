@@ -1,10 +1,11 @@
-"""How early, and how reliably, the monitor warns of grokking, on both bundled models.
+"""How early, and how reliably, ``ENTKMonitor()`` with no arguments warns of grokking, on both
+bundled models, and what it costs against plain training of the same seed.
 
-Per model it runs the demo (every default but the seed) for several seeds, and control runs of
-three kinds that are not expected to generalise within the same epochs:
+Per model: grokking runs (the demo's setup, one per seed) and control runs of three kinds that
+do not generalise within the demo's epochs:
 
 =================  ==========================================  ===============================
-control            modular MLP (``modular_arithmetic``)        transformer (``modular_transformer``)
+control            modular MLP                                 transformer
 =================  ==========================================  ===============================
 ``little data``    train fraction 0.3                          train fraction 0.1
 ``shuffled``       training labels permuted                    training labels permuted
@@ -12,201 +13,99 @@ control            modular MLP (``modular_arithmetic``)        transformer (``mo
                    the default 0.7 the MLP groks without it)
 =================  ==========================================  ===============================
 
-Every run gets the same monitor arguments (``--monitor``, none by default: ``ENTKMonitor()``
-with the demo's cadence) and the same detector. Per run it prints the first alarm (epoch,
-signal, parameter group), the epoch at which val_acc (logged every epoch) first reaches 0.5,
-the lead (epochs, and as a fraction of the epochs to val_acc 0.5), the highest and final
-val_acc, and what the monitor cost. A control's alarm is false when its val_acc never reached
-0.5. For the transformer it also prints when the held-out pairs whose swap ``(b, a)`` was not
-trained (``val_acc_swap_unseen``, which commutativity cannot answer) reach 0.5. Each run is a
-fresh process; TensorBoard images are off to save time.
+Every run trains twice, in fresh processes one after the other: without the monitor and with
+``ENTKMonitor()``. Per run: the first alarm (epoch, signal, parameter group), the epoch at which
+val_acc (read every epoch) first reaches 0.5, the lead (epochs, and as a share of the epochs to
+val_acc 0.5), the highest val_acc, and the monitor's overhead over the plain run. A control's
+alarm is false when its val_acc never reached 0.5.
 
-    python benchmarks/early_warning.py                              # both models, ~1 hour
-    python benchmarks/early_warning.py --model mlp                  # ~15-25 min on 2 cores
-    python benchmarks/early_warning.py --model transformer --jobs 2 # ~32 min on 2 cores
-    python benchmarks/early_warning.py --seeds 2 --control-seeds 1 \\
-        --monitor=--monitor.max_overhead=0.2       # the time budget instead of a cadence
+    python benchmarks/early_warning.py                                   # both, ~80 min
+    python benchmarks/early_warning.py --model mlp                       # ~6 min
+    python benchmarks/early_warning.py --seeds 5-9 --control-seeds 2-3   # held-out seeds
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
-import contextlib
-import io
-import multiprocessing
-import os
-import tempfile
-import time
+
+from _runs import CONTROLS, MODELS, lead, run_in_fresh_process, show
 
 GOAL_LEAD = 0.2  # of the epochs to val_acc 0.5
-SWAP_UNSEEN = "val_acc_swap_unseen"
-CONTROLS = {
-    "mlp": {
-        "little data": ("--data.train_fraction=0.3",),
-        "shuffled": ("--data.shuffle_labels=true",),
-        "no decay": ("--model.weight_decay=0", "--data.train_fraction=0.5"),
-    },
-    "transformer": {
-        "little data": ("--data.train_fraction=0.1",),
-        "shuffled": ("--data.shuffle_labels=true",),
-        "no decay": ("--model.weight_decay=0",),
-    },
-}
 
 
-def run_demo(
-    model: str, label: str, seed: int, run_args: tuple[str, ...], log_dir: str, threads: int
-) -> dict:
-    """One demo run; returns its alarms, when val_acc crossed 0.5, and what the monitor
-    cost."""
-    import torch
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    torch.set_num_threads(threads)
-    if model == "mlp":
-        from example_modules.modular_arithmetic import main
-    else:
-        from example_modules.modular_transformer import main
-
-    args = [
-        f"--seed_everything={seed}",
-        f"--data.seed={seed}",
-        "--monitor.log_images=false",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-        f"--trainer.logger.init_args.save_dir={log_dir}",
-        f"--trainer.logger.init_args.version={model}_{label.replace(' ', '_')}_{seed}",
-        *run_args,
-    ]
-    start = time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()):  # the demo's own summary
-        monitor = main(args)
-    seconds = time.perf_counter() - start
-    events = EventAccumulator(str(monitor.summary_path.parent), size_guidance={"scalars": 0})
-    events.Reload()
-    # logged once per epoch; ``step`` is the global step, ``epoch`` from the epoch series
-    epochs = {e.step: e.value for e in events.Scalars("epoch")}
-
-    def first_epoch(tag: str) -> int | None:
-        if tag not in events.Tags()["scalars"]:
-            return None
-        return next((int(epochs[e.step]) + 1 for e in events.Scalars(tag) if e.value >= 0.5), None)
-
-    accuracy = [e.value for e in events.Scalars(monitor.accuracy_key)]
-    return {
-        "alarms": [(t.epoch, t.kind, t.group) for t in monitor.transitions],
-        "crossed": first_epoch(monitor.accuracy_key),
-        "unseen_crossed": first_epoch(SWAP_UNSEEN),
-        "final_acc": accuracy[-1],
-        "max_acc": max(accuracy),
-        "seconds": seconds,
-        "evaluations": len(monitor.history),
-        "monitor_share": monitor.monitor_seconds / monitor.training_seconds,
-    }
-
-
-def run_in_fresh_process(*args) -> dict:
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
-        return pool.submit(run_demo, *args).result()
+def seeds(text: str) -> list[int]:
+    lo, _, hi = text.partition("-")
+    return list(range(int(lo), int(hi or lo) + 1))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=["mlp", "transformer", "both"], default="both")
-    parser.add_argument("--seeds", type=int, default=5, help="grokking runs")
-    parser.add_argument("--control-seeds", type=int, default=2, help="runs per control kind")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at once (threads shared)")
-    parser.add_argument(
-        "--monitor",
-        action="append",
-        default=[],
-        help="an argument for every run, e.g. --monitor=--monitor.max_overhead=0.5",
-    )
+    parser.add_argument("--model", choices=[*MODELS, "both"], default="both")
+    parser.add_argument("--seeds", default="0-4", help="grokking runs, e.g. 0-4")
+    parser.add_argument("--control-seeds", default="0-1", help="runs per control kind")
     args = parser.parse_args()
-    for model in list(CONTROLS) if args.model == "both" else [args.model]:
-        run_model(model, args.seeds, args.control_seeds, args.jobs, tuple(args.monitor))
+    for model in MODELS if args.model == "both" else (args.model,):
+        runs = [("grok", s, {}, {}) for s in seeds(args.seeds)]
+        runs += [
+            (kind, s, data, network)
+            for kind, (data, network) in CONTROLS[model].items()
+            for s in seeds(args.control_seeds)
+        ]
+        print_header(model)
+        warned = grokked = false_alarms = 0
+        for kind, seed, data, network in runs:
+            kwargs = {"data_args": data, "model_args": network}
+            plain = run_in_fresh_process(model, seed, None, **kwargs)
+            watched = run_in_fresh_process(model, seed, {}, **kwargs)
+            ok = print_row(kind, seed, plain, watched)
+            if watched["crossed"] is not None:
+                grokked += 1
+                warned += ok
+            elif kind != "grok":
+                false_alarms += len(watched["monitor"]["alarms"])
+        print(
+            f"grokking runs warned >= {GOAL_LEAD:.0%} of the way ahead: {warned}/{grokked}; "
+            f"alarms in control runs that never reached val_acc 0.5: {false_alarms}\n"
+        )
 
 
-def run_model(
-    model: str, seeds: int, control_seeds: int, jobs: int, monitor_args: tuple[str, ...]
-) -> None:
-    """The grokking runs and the controls of one model, then its table."""
-    runs = [("grok", seed, ()) for seed in range(seeds)]
-    runs += [
-        (kind, seed, extra)
-        for kind, extra in CONTROLS[model].items()
-        for seed in range(control_seeds)
-    ]
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    print(f"model: {model}; arguments of every run: {' '.join(monitor_args) or 'none'}")
-    with tempfile.TemporaryDirectory() as log_dir:
-        with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-            futures = [
-                pool.submit(
-                    run_in_fresh_process,
-                    model,
-                    label,
-                    seed,
-                    (*extra, *monitor_args),
-                    log_dir,
-                    threads,
-                )
-                for label, seed, extra in runs
-            ]
-            results = [f.result() for f in futures]
-    print_table(model, runs, results)
-
-
-def print_table(model: str, runs: list[tuple], results: list[dict]) -> None:
+def print_header(model: str) -> None:
     header = (
-        f"{'run':<12}{'seed':>5}{'alarm':>7}  {'signal (group)':<32}{'val>=0.5':>9}"
-        f"{'lead':>6}{'share':>7}{'max val':>8}{'final':>7}{'time':>6}{'evals':>6}"
-        f"{'monitor':>8}  verdict"
+        f"{'run':<12}{'seed':>5}{'alarm':>7}  {'signal (group)':<30}{'val>=0.5':>9}{'lead':>6}"
+        f"{'share':>7}{'max val':>8}{'plain (s)':>10}{'monitored (s)':>14}{'overhead':>9}"
+        f"{'readings':>9}{'evals':>6}  verdict"
     )
-    if model == "transformer":
-        header += "  (swap-unseen >= 0.5)"
+    print(f"model: {model}; every run ENTKMonitor() with no arguments")
     print(header)
     print("-" * len(header))
-    warned = grokked = false_alarms = 0
-    for (label, seed, _), result in zip(runs, results, strict=True):
-        epoch, kind, group = result["alarms"][0] if result["alarms"] else (None, "-", None)
-        signal = kind + (f" ({group})" if group else "")
-        crossed = result["crossed"]
-        lead = None if epoch is None or crossed is None else crossed - epoch
-        share = None if lead is None else lead / crossed
-        if crossed is not None:
-            grokked += 1
-            good = share is not None and share >= GOAL_LEAD
-            warned += good
-            verdict = "warned in time" if good else "late or no alarm"
-        elif label == "grok":
-            verdict = "val_acc 0.5 not reached"
-        else:
-            false_alarms += len(result["alarms"])
-            verdict = "false alarm" if result["alarms"] else "quiet (correct)"
-        print(
-            f"{label:<12}{seed:>5}{_show(epoch):>7}  {signal:<32}{_show(crossed):>9}"
-            f"{_show(lead):>6}{'-' if share is None else f'{share:.2f}':>7}"
-            f"{result['max_acc']:>8.3f}{result['final_acc']:>7.3f}{result['seconds']:>6.0f}"
-            f"{result['evaluations']:>6}{result['monitor_share']:>8.0%}  {verdict}"
-            + (f"  ({_show(result['unseen_crossed'])})" if model == "transformer" else "")
-        )
-        if len(result["alarms"]) > 1:
-            others = ", ".join(
-                f"{k}{f' ({g})' if g else ''} at {e}" for e, k, g in result["alarms"][1:]
-            )
-            print(f"{'':<12}later alarms: {others}")
-    print("-" * len(header))
+
+
+def print_row(kind: str, seed: int, plain: dict, watched: dict) -> bool:
+    """One run's line; whether it was warned at least ``GOAL_LEAD`` ahead."""
+    m = watched["monitor"]
+    epoch, signal, group = m["alarms"][0] if m["alarms"] else (None, "-", None)
+    crossed = watched["crossed"]
+    ahead, share = lead(epoch, crossed)
+    good = share is not None and share >= GOAL_LEAD
+    if crossed is not None:
+        verdict = "warned in time" if good else "late or no alarm"
+    elif kind == "grok":
+        verdict = "val_acc 0.5 not reached"
+    else:
+        verdict = "false alarm" if m["alarms"] else "quiet (correct)"
+    overhead = (watched["seconds"] - plain["seconds"]) / plain["seconds"]
     print(
-        f"grokking runs warned >= {GOAL_LEAD:.0%} of the way ahead: {warned}/{grokked}; "
-        f"alarms in control runs that never reached val_acc 0.5: {false_alarms}"
+        f"{kind:<12}{seed:>5}{show(epoch):>7}  {signal + (f' ({group})' if group else ''):<30}"
+        f"{show(crossed):>9}{show(ahead):>6}{show(share, '.2f'):>7}"
+        f"{max(watched['val_acc'].values()):>8.3f}{plain['seconds']:>10.1f}"
+        f"{watched['seconds']:>14.1f}{overhead:>9.0%}{m['readings']:>9}{m['evaluations']:>6}"
+        f"  {verdict}"
     )
-
-
-def _show(value) -> str:
-    return "-" if value is None else str(value)
+    if plain["crossed"] != crossed:
+        print(f"{'':<12}(val_acc 0.5 at {show(plain['crossed'])} without the monitor)")
+    for e, s, g in m["alarms"][1:]:
+        print(f"{'':<12}later alarm: {s}{f' ({g})' if g else ''} at {e}")
+    return good
 
 
 if __name__ == "__main__":

@@ -1,145 +1,77 @@
-"""What the monitor costs: the demo's training without ENTKMonitor, with the monitor's default
-time budget (``ENTKMonitor()``: ``max_overhead=0.2``, 20% of training), and at the demo's fixed
-cadence (every 2 epochs), with the whole kernel only (``groups=None``) and with the default
-per-group figures (``groups="auto"``: ``layer1``, ``layer2``).
+"""What the monitor costs with no arguments, on both demos, and how early it warns beside a dense
+schedule of full evaluations.
 
-The modular-arithmetic MLP of DESIGN.md section 5 (p=29, hidden 512, 300 full-batch epochs,
-TensorBoard logger, 841 probe points), each run in a fresh process. Per run: wall time of
-``trainer.fit``, overhead over plain training, evaluations made, the first early-warning alarm
-and its lead over the epoch at which val_acc (read every epoch) first reaches 0.5. Then where
-one evaluation's time goes (medians over the dense run's evaluations): kernel, spectrum,
-signals, logging, and the whole evaluation against its kernel alone.
+Per model (the demos' runs: the modular MLP, seed 0, 300 epochs; the modular transformer, seed
+4, 1,600 epochs; each run in a fresh process, one after the other, nothing else running):
 
-    python benchmarks/monitor_overhead.py
+* plain training, no monitor;
+* ``ENTKMonitor()``: the sentinel at every epoch its share allows, full evaluations within the
+  default time budget;
+* a dense cadence of full evaluations (``every_n_epochs`` 1 for the MLP, 10 for the
+  transformer), the sentinel beside it: as early as any schedule can warn.
+
+Per run: wall time of ``trainer.fit``, overhead over plain training, sentinel readings and full
+evaluations with the seconds of each tier, the first alarm, the epoch at which val_acc (read at
+every epoch) first reaches 0.5, and the lead. Then the default's alarm against the dense run's.
+
+    python benchmarks/monitor_overhead.py                    # both demos, ~25 min
+    python benchmarks/monitor_overhead.py --model mlp        # ~3 min
 """
 
 from __future__ import annotations
 
-import statistics
-import tempfile
+import argparse
 
 import torch
+from _runs import DEMO_EPOCHS, DEMO_SEED, MODELS, lead, run_in_fresh_process, show
 
-from _harness import measure
-
-EPOCHS = 300
-DENSE_EVERY_N_EPOCHS = 2
-
-
-def setup_plain():
-    return (None,)
-
-
-def setup_default():
-    return ({},)
-
-
-def setup_dense_whole_kernel():
-    return ({"every_n_epochs": DENSE_EVERY_N_EPOCHS, "groups": None},)
-
-
-def setup_dense():
-    return ({"every_n_epochs": DENSE_EVERY_N_EPOCHS},)
-
-
-RUNS = {  # the dense run with every default last: its evaluations are broken down
-    "without monitor": setup_plain,
-    "ENTKMonitor() (budget 20%)": setup_default,
-    f"every_n_epochs={DENSE_EVERY_N_EPOCHS}, groups=None": setup_dense_whole_kernel,
-    f"every_n_epochs={DENSE_EVERY_N_EPOCHS}": setup_dense,
-}
-
-
-def train(options: dict | None) -> dict:
-    import lightning as L
-    from lightning.pytorch import Callback
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    from example_modules.modular_arithmetic import ModularArithmeticDataModule, ModularArithmeticMLP
-    from lightning_entk import ENTKMonitor
-
-    class FirstEpochAtHalf(Callback):
-        epoch = None
-
-        def on_validation_epoch_end(self, trainer, pl_module):
-            accuracy = trainer.callback_metrics.get("val_acc")
-            if self.epoch is None and accuracy is not None and accuracy >= 0.5:
-                self.epoch = trainer.current_epoch + 1  # completed epochs, as the monitor counts
-
-    L.seed_everything(0, verbose=False)
-    crossing = FirstEpochAtHalf()
-    monitor = None if options is None else ENTKMonitor(**options)
-    with tempfile.TemporaryDirectory() as log_dir:
-        trainer = L.Trainer(
-            max_epochs=EPOCHS,
-            callbacks=[crossing] + ([monitor] if monitor else []),
-            logger=TensorBoardLogger(log_dir),
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            log_every_n_steps=1,
-        )
-        trainer.fit(ModularArithmeticMLP(), datamodule=ModularArithmeticDataModule())
-    result = {"crossing": crossing.epoch, "evaluations": 0, "alarm": None}
-    if monitor is not None:
-        parts = ("", "/kernel", "/spectrum", "/signals")
-        result.update(
-            evaluations=len(monitor.history),
-            monitor_seconds=monitor.monitor_seconds,
-            alarm=monitor.transitions[0] if monitor.transitions else None,
-            parts={
-                p: statistics.median(r.metrics[f"entk/seconds{p}"] for r in monitor.history)
-                for p in parts
-            },
-        )
-    return result
+DENSE = {"mlp": 1, "transformer": 10}
 
 
 def main() -> None:
-    print(
-        f"modular MLP p=29 hidden=512, {EPOCHS} full-batch epochs, 841 probe points; "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
-    )
-    results = {label: measure(setup, train, repeats=1, warmup=0) for label, setup in RUNS.items()}
-    plain = results["without monitor"]["seconds"]
-    print(
-        f"{'run':<34}{'wall (s)':>9}{'overhead':>10}{'evaluations':>12}{'monitor (s)':>12}"
-        f"  {'first alarm':<28}{'val_acc>=0.5':>13}{'lead':>6}"
-    )
-    for label, measured in results.items():
-        r = measured["result"]
-        alarm = r["alarm"]
-        lead = None if alarm is None or r["crossing"] is None else r["crossing"] - alarm.epoch
-        overhead = (measured["seconds"] - plain) / plain
-        print(
-            f"{label:<34}{measured['seconds']:>9.1f}{overhead:>10.0%}{r['evaluations']:>12}"
-            f"{r.get('monitor_seconds', 0.0):>12.1f}"
-            f"  {_alarm(alarm):<28}{_show(r['crossing']):>13}{_show(lead):>6}"
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=[*MODELS, "both"], default="both")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for model in MODELS if args.model == "both" else (args.model,):
+        runs = {
+            "without monitor": None,
+            "ENTKMonitor()": {},
+            f"every_n_epochs={DENSE[model]}": {"every_n_epochs": DENSE[model]},
+        }
+        seed, epochs = DEMO_SEED[model], DEMO_EPOCHS[model]
+        print(f"\n{model}, seed {seed}, {epochs} epochs")
+        header = (
+            f"{'run':<20}{'wall (s)':>9}{'overhead':>9}{'readings':>9}{'sentinel (s)':>13}"
+            f"{'full evals':>11}{'evals (s)':>10}{'images (s)':>11}  {'first alarm':<32}"
+            f"{'val>=0.5':>9}{'lead':>12}"
         )
-    dense = results[list(RUNS)[-1]]["result"]
-    parts = dense["parts"]
-    whole = dense["monitor_seconds"] / dense["evaluations"]
-    print(
-        "one evaluation (medians of the dense run): kernel {:.3f} s, spectrum {:.3f} s, "
-        "signals {:.3f} s; inside evaluate {:.3f} s = {:.1f}x the kernel; with logging and "
-        "images (mean) {:.3f} s = {:.1f}x".format(
-            parts["/kernel"],
-            parts["/spectrum"],
-            parts["/signals"],
-            parts[""],
-            parts[""] / parts["/kernel"],
-            whole,
-            whole / parts["/kernel"],
-        )
-    )
-
-
-def _alarm(alarm) -> str:
-    return "-" if alarm is None else f"epoch {alarm.epoch} ({alarm.kind})"
-
-
-def _show(value) -> str:
-    return "-" if value is None else str(value)
+        print(header)
+        print("-" * len(header))
+        results = {
+            label: run_in_fresh_process(model, seed, options) for label, options in runs.items()
+        }
+        plain = results["without monitor"]["seconds"]
+        alarms = {}
+        for label, r in results.items():
+            m = r["monitor"]
+            alarm = m["alarms"][0] if m and m["alarms"] else None
+            alarms[label] = alarm
+            epochs_ahead, share = lead(alarm and alarm[0], r["crossed"])
+            spent = m["spent"] if m else {}
+            print(
+                f"{label:<20}{r['seconds']:>9.1f}"
+                f"{'' if m is None else format((r['seconds'] - plain) / plain, '.0%'):>9}"
+                f"{show(m and m['readings']):>9}{spent.get('sentinel', 0.0):>13.1f}"
+                f"{show(m and m['evaluations']):>11}{spent.get('evaluation', 0.0):>10.1f}"
+                f"{spent.get('images', 0.0):>11.1f}  "
+                f"{'-' if alarm is None else f'epoch {alarm[0]} {alarm[1]}':<32}"
+                f"{show(r['crossed']):>9}"
+                f"{'-' if share is None else f'{epochs_ahead} ({share:.0%})':>12}"
+            )
+        default, dense = alarms["ENTKMonitor()"], alarms[list(runs)[-1]]
+        if default and dense:
+            print(f"default's first alarm {default[0] - dense[0]:+d} epochs from the dense run's")
 
 
 if __name__ == "__main__":

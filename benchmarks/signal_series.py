@@ -131,14 +131,17 @@ def record_run(model_name: str, kind: str, seed: int, extra: dict, out: str) -> 
 
         def on_train_epoch_end(self, trainer, pl_module):
             keys = ("val_acc", "train_acc", "train_loss", "val_loss", "val_acc_swap_unseen")
-            metrics = {k: trainer.callback_metrics[k] for k in keys if k in trainer.callback_metrics}
+            metrics = {
+                k: trainer.callback_metrics[k] for k in keys if k in trainer.callback_metrics
+            }
             epoch = trainer.current_epoch + 1
             series.append(signals(epoch, metrics))
             if self.grokked_at is None and metrics.get("val_acc", 0) >= 0.95:
                 self.grokked_at = epoch
-            if self.grokked_at is not None and epoch >= self.grokked_at + AFTER_GROKKING[
-                model_name
-            ]:
+            if (
+                self.grokked_at is not None
+                and epoch >= self.grokked_at + AFTER_GROKKING[model_name]
+            ):
                 trainer.should_stop = True
 
     start = time.perf_counter()

@@ -1,6 +1,6 @@
 """Top eigenpairs of the flattened eNTK of a trained Toy Model of Superposition.
 
-DESIGN.md section 5: n=50 features, m=40 hidden, sparsity S=0.9, N=500 points, trained 5000
+docs/design.md: n=50 features, m=40 hidden, sparsity S=0.9, N=500 points, trained 5000
 full-batch Adam steps; the flattened kernel has C*N = 25000 rows but rank <= P = m n + n = 2050.
 Output weights are the paper's importance rescaling I^(beta c / 2) with beta = 0.3.
 ``ntk_spectrum(k=80)`` picks its route itself; the reference is a float64 ``eigh`` of

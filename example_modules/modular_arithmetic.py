@@ -1,4 +1,4 @@
-"""Modular addition with a two-layer quadratic MLP that groks (DESIGN.md section 5).
+"""Modular addition with a two-layer quadratic MLP that groks (docs/design.md).
 
 The setup of Lin, "Feature Identification via the Empirical NTK" (arXiv:2510.00468, section 4),
 after Gromov, "Grokking modular arithmetic" (arXiv:2301.02679): inputs

@@ -1,4 +1,4 @@
-"""The Toy Model of Superposition (Elhage et al. 2022) on a fixed dataset (DESIGN.md section 5).
+"""The Toy Model of Superposition (Elhage et al. 2022) on a fixed dataset (docs/design.md).
 
 The setup of Lin, "Feature Identification via the Empirical NTK" (arXiv:2510.00468, section 3):
 ``n`` sparse features squeezed through ``m < n`` hidden dimensions and read back,

@@ -102,9 +102,13 @@ class ENTKMonitor(Callback):
     ) -> None:
         self.schedule = _schedule(every_n_epochs, every_n_train_steps, max_overhead)
         if isinstance(max_probe_points, bool) or not isinstance(max_probe_points, int):
-            raise ValueError(f"`max_probe_points` must be a positive int, got {max_probe_points!r}.")
+            raise ValueError(
+                f"`max_probe_points` must be a positive int, got {max_probe_points!r}."
+            )
         if max_probe_points < 1:
-            raise ValueError(f"`max_probe_points` must be a positive int, got {max_probe_points!r}.")
+            raise ValueError(
+                f"`max_probe_points` must be a positive int, got {max_probe_points!r}."
+            )
         self.options = {
             "mode": mode,
             "kernel": kernel,
@@ -136,28 +140,22 @@ class ENTKMonitor(Callback):
             self.core = self._monitor(trainer, pl_module, probe)
         if self._resumed is not None:
             self.core.load_state_dict(self._resumed)
-        self._sink(trainer).hook = "start"
-        self.core.start(trainer.global_step, trainer.current_epoch)
+        self._in("start").start(trainer.global_step, trainer.current_epoch)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args) -> None:
-        if not trainer.is_last_batch and not trainer.sanity_checking:  # the epoch's end decides
-            self._sink(trainer).hook = "batch"
-            self.core.step(trainer.global_step, trainer.current_epoch, epoch_end=False)
+        if not trainer.is_last_batch:  # the epoch's end decides for its last batch
+            self._in("batch").step(trainer.global_step, trainer.current_epoch, epoch_end=False)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._validated = self._validated or not trainer.sanity_checking
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        metrics = None
-        if self._validated or not trainer.val_dataloaders:  # metrics measured this epoch
-            metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-        self._validated = False
-        self._sink(trainer).hook = "epoch"
-        self.core.step(trainer.global_step, trainer.current_epoch + 1, metrics)
+        metrics = _metrics(trainer) if self._validated or not trainer.val_dataloaders else None
+        self._validated = False  # metrics are passed once per validation
+        self._in("epoch").step(trainer.global_step, trainer.current_epoch + 1, metrics)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._sink(trainer).hook = "end"
-        self.core.end(trainer.global_step, trainer.current_epoch)
+        self._in("end").end(trainer.global_step, trainer.current_epoch)
 
     def state_dict(self) -> dict:
         if self.core is None:
@@ -237,8 +235,10 @@ class ENTKMonitor(Callback):
             **self.options,
         )
 
-    def _sink(self, trainer: Trainer) -> LightningSink:
-        return self.core.sink
+    def _in(self, hook: str) -> Monitor:
+        """The core, its sink told which hook it writes from."""
+        self.core.sink.hook = hook
+        return self.core
 
 
 class LightningSink:
@@ -251,7 +251,9 @@ class LightningSink:
     def __init__(self, trainer: Trainer, pl_module: LightningModule, images: bool) -> None:
         self.trainer, self.pl_module = trainer, pl_module
         self.hook = "start"
-        tensorboard = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+        tensorboard = next(
+            (lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None
+        )
         self.tensorboard = None if tensorboard is None else TensorBoardSink(tensorboard.experiment)
         self.images = images and self.tensorboard is not None
         directories = (getattr(logger, "log_dir", None) for logger in trainer.loggers)
@@ -318,6 +320,11 @@ def _schedule(every_n_epochs, every_n_train_steps, max_overhead):
             f"budget (`max_overhead`), not both; got max_overhead={max_overhead!r}."
         )
     return cadence
+
+
+def _metrics(trainer: Trainer) -> dict[str, float]:
+    """The scalar metrics the module logged, as floats."""
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
 
 
 def _datasets(trainer: Trainer):

@@ -45,7 +45,7 @@ is stricter on noise than on eNTK plateaus. Over 1,320 synthetic spectra of 1,00
 per noise level (power laws ``i^-alpha`` with ``alpha`` in 0.5-4, exponential and flat
 spectra, Marchenko-Pastur spectra) times log-normal noise of sigma 0, 0.01, 0.02 or 0.05 in
 natural-log units, none showed a cliff; with sigma 0.1 to 0.5, which scrambles the order of
-neighbouring eigenvalues, 0.2-0.3% did. On the modular MLP (p=29, n=512; DESIGN.md section 5)
+neighbouring eigenvalues, 0.2-0.3% did. On the modular MLP (p=29, n=512; docs/design.md)
 the cliff at rank 57 scores 85 or more at initialization (20 seeds) and 36 or more all through
 training; the one at 113 first passes the test 10-20 epochs after validation accuracy reaches
 50% (8 runs), as a fall of ~1.12x, and is then found at every later evaluation. On the paper's
@@ -95,7 +95,7 @@ class Cliff:
 
     Attributes:
         rank: eigenvalues above the cliff; it sits between 0-based indices ``rank - 1`` and
-            ``rank``. In the modular MLP, 57 and 113 (DESIGN.md section 2).
+            ``rank``. In the modular MLP, 57 and 113 (docs/design.md).
         drop: ``log10(above / below)``, the size of the fall in decades (0.3 for 2x).
         score: ``drop`` over the typical fall nearby (upper quartile of the neighbouring falls
             on the side where they are larger); at least ``significance``, ``inf`` when the

@@ -277,21 +277,37 @@ def debiased_alignment(kernel: Tensor, targets: Tensor) -> float:
     if n < MIN_DEBIASED_POINTS:
         raise ValueError(f"debiased alignment needs >= {MIN_DEBIASED_POINTS} points, got {n}.")
     k = kernel.to(torch.float64)
-    y = targets.to(torch.float64)
+    ideal = _label_kernel(targets.to(torch.float64))
 
-    def hsic(a: Tensor, b: Tensor) -> Tensor:
-        a = a - torch.diag_embed(torch.diagonal(a))
-        b = b - torch.diag_embed(torch.diagonal(b))
-        a_rows, b_rows = a.sum(1), b.sum(1)
+    def statistics(a: Tensor) -> tuple[Tensor, Tensor]:
+        """The diagonal and the row sums off it."""
+        diagonal = torch.diagonal(a)
+        return diagonal, a.sum(1) - diagonal
+
+    def hsic(a: Tensor, b: Tensor, a_stats, b_stats) -> Tensor:
+        """The unbiased estimate from sums over the off-diagonal entries of ``a`` and ``b``
+        (symmetric), without forming them: one pass over ``a * b``."""
+        (a_diag, a_rows), (b_diag, b_rows) = a_stats, b_stats
+        off_diagonal = torch.vdot(a.flatten(), b.flatten()) - a_diag @ b_diag
         return (
-            (a * b).sum()
+            off_diagonal
             + a_rows.sum() * b_rows.sum() / ((n - 1) * (n - 2))
             - 2 * (a_rows @ b_rows) / (n - 2)
         ) / (n * (n - 3))
 
-    ideal = y @ y.T
-    scale = torch.sqrt(hsic(k, k) * hsic(ideal, ideal))
-    return float(hsic(k, ideal) / scale) if scale > 0 else 0.0
+    k_stats, ideal_stats = statistics(k), statistics(ideal)
+    scale = torch.sqrt(hsic(k, k, k_stats, k_stats) * hsic(ideal, ideal, ideal_stats, ideal_stats))
+    return float(hsic(k, ideal, k_stats, ideal_stats) / scale) if scale > 0 else 0.0
+
+
+def _label_kernel(targets: Tensor) -> Tensor:
+    """``Y Y^T`` of targets ``(N, C)``: for one-hot rows, whether two labels are equal (one
+    comparison per pair instead of C products)."""
+    one_hot = bool(((targets == 0) | (targets == 1)).all() and (targets.sum(1) == 1).all())
+    if one_hot:
+        labels = targets.argmax(1)
+        return (labels[:, None] == labels[None, :]).to(targets.dtype)
+    return targets @ targets.T
 
 
 def kernel_regression_accuracy(

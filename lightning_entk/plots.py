@@ -233,6 +233,9 @@ def plot_spectrum_evolution(
     accuracy_label: str = "val_acc",
     transitions: Iterable = (),
     max_index: int | None = None,
+    levels: Mapping[str, float] | None = None,
+    forecasts: Sequence | None = None,
+    actual: float | None = None,
 ) -> Figure:
     """The spectrum over training as a heatmap, cliffs marked, accuracy and transitions below.
 
@@ -254,6 +257,10 @@ def plot_spectrum_evolution(
         max_index: show eigenvalues ``1..max_index`` only. About twice the deepest cliff's rank
             (e.g. 250 for the modular MLP's 841) gives a linear index axis on which the
             plateaus between cliffs are wide bands.
+        levels: label -> value of horizontal reference lines below (a detector's level).
+        forecasts: objects with ``.made_at``, ``.epoch``, ``.low``, ``.high`` (``None`` when
+            nothing is forecast): a third panel of the forecast epoch against the epoch it was
+            made at, with ``actual`` (the epoch it came true) when known.
 
     Raises:
         ValueError: if the shapes do not agree (``epochs`` (T,), ``eigenvalues`` (T, k),
@@ -282,13 +289,10 @@ def plot_spectrum_evolution(
     values = values[:, :max_index]
     k = values.shape[1]
 
-    fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
-    grid = fig.add_gridspec(
-        2 if curves else 1,
-        2,
-        height_ratios=[2.6, 1] if curves else [1],
-        width_ratios=[1, 0.025],
-    )
+    heights = [2.4] + ([1.2] if curves else []) + ([1.0] if forecasts else [])
+    fig = Figure(figsize=(FIGSIZE[0], FIGSIZE[1] + (1.6 if forecasts else 0)), dpi=DPI,
+                 layout="constrained")  # fmt: skip
+    grid = fig.add_gridspec(len(heights), 2, height_ratios=heights, width_ratios=[1, 0.025])
     ax = fig.add_subplot(grid[0, 0])
     log_values = np.full(values.shape, np.nan)
     positive = np.isfinite(values) & (values > 0)
@@ -342,21 +346,29 @@ def plot_spectrum_evolution(
         )
 
     bottom = fig.add_subplot(grid[1, 0], sharex=ax) if curves else ax
+    panels = [ax, *([bottom] if curves else [])]
+    if forecasts:
+        panels.append(_forecast_panel(fig.add_subplot(grid[len(heights) - 1, 0], sharex=ax),
+                                      forecasts, actual))  # fmt: skip
+    for panel in panels[:-1]:
+        panel.tick_params(labelbottom=False)
     if curves:
-        ax.tick_params(labelbottom=False)
         for label, (x, y) in curves.items():
             finite = np.isfinite(y) & np.isfinite(x)
-            dense = finite.sum() > 3 * n_evals  # a series read every epoch: a line
-            bottom.plot(x[finite], y[finite], marker=None if dense else ".", markersize=4,
-                        label=label)  # fmt: skip
-        lowest = min([-0.03, *(np.nanmin(y) - 0.03 for _, y in curves.values() if np.isfinite(y).any())])
-        bottom.set_ylim(lowest, 1.03)
+            # A series read at every epoch is a line; one of a few full evaluations, markers
+            # (a line between sparse points would draw a trend nobody measured).
+            style = {"linestyle": "-"} if finite.sum() > 12 else {"linestyle": "", "marker": "o"}
+            bottom.plot(x[finite], y[finite], markersize=4, label=label, **style)
+        for label, level in (levels or {}).items():
+            bottom.axhline(level, color="0.4", linestyle=":", linewidth=1.2, label=label)
+        lows = [np.nanmin(y) for _, y in curves.values() if np.isfinite(y).any()]
+        bottom.set_ylim(min([0.0, *lows]) - 0.03, 1.03)
         bottom.set_ylabel("accuracy, alignment")
         bottom.grid(True, alpha=0.3)
-    bottom.set_xlabel("epoch")
+    panels[-1].set_xlabel("epoch")
     for i, transition in enumerate(transitions):
         style = _TRANSITION_STYLES[i % len(_TRANSITION_STYLES)]
-        for axes in (ax, bottom) if curves else (ax,):
+        for axes in panels:
             axes.axvline(
                 float(transition.epoch),
                 color="black",
@@ -375,8 +387,9 @@ def plot_spectrum_evolution(
             frameon=False,
             fontsize=9,
         )
-    if curves:
-        bottom.legend(loc="best", fontsize=9, framealpha=0.85)
+    if curves:  # below the figure, where it hides no curve
+        handles, labels = bottom.get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside lower center", ncols=3, frameon=False, fontsize=8)
     return fig
 
 
@@ -461,18 +474,45 @@ def plot_alignment(
     return fig
 
 
+def _forecast_panel(ax: Axes, forecasts: Sequence, actual: float | None) -> Axes:
+    """The forecast epoch (with its interval) against the epoch each forecast was made at."""
+    made = np.array([f.made_at for f in forecasts], dtype=float)
+    epoch, low, high = (
+        np.array([np.nan if getattr(f, k) is None else getattr(f, k) for f in forecasts], float)
+        for k in ("epoch", "low", "high")
+    )
+    ax.fill_between(made, low, high, color="tab:purple", alpha=0.25, linewidth=0,
+                    label="interval")  # fmt: skip
+    ax.plot(made, epoch, color="tab:purple", marker=".", markersize=3, label="forecast")
+    if actual is not None:
+        ax.axhline(actual, color="black", linestyle="--", linewidth=1, label="actual")
+    shown = np.concatenate([epoch[np.isfinite(epoch)], [actual] if actual is not None else []])
+    if shown.size:
+        ax.set_ylim(0, 1.15 * shown.max())
+    ax.set_ylabel("forecast epoch of\nval >= 0.5", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8, framealpha=0.85)
+    return ax
+
+
 def plot_history(
     history: Sequence,
     accuracy_key: str | None,
     transitions: Iterable = (),
     readings: Sequence = (),
     watched: Mapping[int, float] | None = None,
+    ratio_level: float | None = None,
+    min_train_alignment: float = 0.0,
+    forecasts: Sequence = (),
+    actual: float | None = None,
 ) -> Figure:
     """:func:`plot_spectrum_evolution` of a monitor's full evaluations (records with
     ``.epoch``, ``.eigenvalues``, ``.cliffs`` and ``.metrics``); below, the network's
     ``accuracy_key`` (at every epoch of ``watched``, epoch -> value, else at the
-    evaluations), the sentinel's readout alignment at every reading (``readings``) and eNTK
-    kernel regression at the evaluations, where measured."""
+    evaluations), the sentinel's readings (``readings``): the readout's held-out alignment and
+    its ratio to the training alignment (where that is at least ``min_train_alignment``), with
+    the detector's ``ratio_level``, and eNTK kernel regression at the full evaluations; with
+    ``forecasts``, how the forecast of the epoch of val_acc 0.5 moved (``actual``: when it came)."""
     k = max(len(r.eigenvalues) for r in history)
     values = np.full((len(history), k), np.nan)
     for i, r in enumerate(history):
@@ -481,22 +521,34 @@ def plot_history(
     if accuracy_key and watched:
         epochs = sorted(watched)
         curves[accuracy_key] = (np.array(epochs, float), np.array([watched[e] for e in epochs]))
-    alignment = [(r.epoch, r.metrics[keys.SENTINEL_ALIGNMENT]) for r in readings
-                 if keys.SENTINEL_ALIGNMENT in r.metrics]  # fmt: skip
-    if alignment:
-        x, y = (np.array(v, dtype=float) for v in zip(*alignment, strict=True))
-        curves["readout's held-out alignment (sentinel)"] = (x, y)
+    held = [(r.epoch, r.metrics.get(keys.SENTINEL_ALIGNMENT, np.nan)) for r in readings]
+    ratio = [
+        (r.epoch, r.metrics.get(keys.SENTINEL_RATIO, np.nan))
+        for r in readings
+        if r.metrics.get(keys.SENTINEL_TRAIN_ALIGNMENT, -np.inf) >= min_train_alignment
+    ]
+    for label, series in (
+        ("readout's held-out alignment (sentinel)", held),
+        ("held-out / training alignment (sentinel)", ratio),
+    ):
+        if series:
+            x, y = (np.array(v, dtype=float) for v in zip(*series, strict=True))
+            curves[label] = (x, y)
     for key in (None if watched else accuracy_key, keys.KERNEL_REGRESSION_ACC):
         series = np.array([r.metrics.get(key, np.nan) for r in history], dtype=float)
         if key and not np.isnan(series).all():
             label = "eNTK kernel regression" if key == keys.KERNEL_REGRESSION_ACC else key
             curves[label] = series
+    levels = {} if ratio_level is None or not ratio else {"alignment_ratio level": ratio_level}
     return plot_spectrum_evolution(
         [r.epoch for r in history],
         values,
         [r.cliffs for r in history],
         accuracy=curves or None,
         transitions=transitions,
+        levels=levels,
+        forecasts=forecasts or None,
+        actual=actual,
     )
 
 

@@ -201,7 +201,9 @@ def test_monitor_probe_over_budget_evaluates_what_fits(tmp_path):
     kept = len(monitor.probe)
     assert 2 <= kept < 600 and len(monitor.history) == 2
     # The kept points fit the budget with the engine's own arrays, and twice as many would not.
-    assert MemoryBudget.dense_kernel_bytes(kept) < budget < MemoryBudget.dense_kernel_bytes(2 * kept)
+    assert (
+        MemoryBudget.dense_kernel_bytes(kept) < budget < MemoryBudget.dense_kernel_bytes(2 * kept)
+    )
 
 
 def test_monitor_budget_below_two_points_fails_at_setup(tmp_path):
@@ -286,12 +288,14 @@ def test_monitor_tensorboard_events_and_summary(tmp_path):
     assert re.match(rank_pattern, "entk/cliff_rank/12") and not re.match(
         rank_pattern, "entk/cliff_drop/1"
     )
-    accuracy_chart = charts["accuracy: network, eNTK kernel regression, readout's held-out alignment"]
+    accuracy_chart = charts[
+        "accuracy: network, eNTK kernel regression, readout's held-out alignment"
+    ]
     drawn = {tag for tag in scalars if any(re.match(p, tag) for p in accuracy_chart)}
     assert drawn == {"val_acc", "entk/kernel_regression_acc", "entk/sentinel/heldout_alignment"}
     # The sentinel read the readout at initialization and then as its share of time allowed.
     readings = [e.step for e in events.Scalars("entk/sentinel/heldout_alignment")]
-    assert readings == [r.step for r in monitor.readings] and readings[0] == 0
+    assert len(readings) == len(monitor.readings) >= 2 and readings[0] == 0
 
 
 def test_monitor_logs_each_parameter_group_beside_the_whole_model(tmp_path):
@@ -481,3 +485,29 @@ def test_monitor_with_output_projections_estimates_the_trace_kernel(tmp_path):
         ENTKMonitor(mode="flatten", kernel=KernelOptions(output_projections=2))
     with pytest.raises(ValueError, match="positive int"):
         KernelOptions(output_projections=0)
+
+
+def test_monitor_without_early_warning_raises_nothing(tmp_path):
+    """``early_warning=False`` turns the detector off (the sentinel still reads)."""
+    monitor = ENTKMonitor(every_n_epochs=1, early_warning=False)
+    monitor_on = ENTKMonitor(every_n_epochs=1)
+    detector = monitor_on.early_warning  # any rise of kernel regression is an alarm
+    detector.lead_rise = detector.lead_margin = 1e-9
+    detector.accuracy_key = None
+    fit(tmp_path / "on", callbacks=[monitor_on])
+    fit(tmp_path / "off", callbacks=[monitor])
+    assert monitor_on.transitions and monitor.early_warning is None
+    assert monitor.transitions == [] and monitor.readings
+
+
+def test_monitor_probe_the_model_cannot_take_fails_at_setup_with_its_shapes(tmp_path):
+    monitor = ENTKMonitor(probe=(torch.randn(20, 9), torch.arange(20) % 4))
+    with pytest.raises(ValueError, match=r"could not be called on the points \(a tensor \(20, 9\)"):
+        fit(tmp_path, callbacks=[monitor])
+
+
+def test_monitor_warns_once_when_the_watched_metric_is_never_logged(tmp_path):
+    monitor = ENTKMonitor(accuracy_key="val_accuracy")
+    with pytest.warns(UserWarning, match="`accuracy_key`='val_accuracy' is not among") as record:
+        fit(tmp_path, callbacks=[monitor])
+    assert sum("val_accuracy" in str(w.message) for w in record) == 1

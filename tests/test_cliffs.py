@@ -164,7 +164,7 @@ def test_find_cliffs_rejects_invalid_input(values, options, match):
 
 @pytest.mark.parametrize("seed", range(3))
 def test_find_cliffs_modular_mlp_at_initialization(seed):
-    """One top mode, 56 Fourier modes of a and b, then the cliff (DESIGN.md section 5)."""
+    """One top mode, 56 Fourier modes of a and b, then the cliff (docs/design.md)."""
     torch.manual_seed(seed)
     model = ModularArithmeticMLP(p=29, hidden=512)
     x, _ = ModularArithmeticDataModule(p=29).grid()
@@ -205,7 +205,7 @@ def test_find_cliffs_flattened_kernel_in_float32_has_no_cliff_at_its_rank():
 
 @pytest.mark.slow
 def test_find_cliffs_modular_mlp_second_cliff_appears_with_grokking():
-    """Trained as in DESIGN.md section 5, the model groks; the cliff at 113 (families a+b, a-b)
+    """Trained as in docs/design.md, the model groks; the cliff at 113 (families a+b, a-b)
     joins the one at 57 once validation accuracy has jumped, and stays."""
     torch.manual_seed(0)
     p = 29

@@ -8,6 +8,7 @@ import pytest
 
 from lightning_entk.cliffs import Cliff
 from lightning_entk.early_warning import EarlyWarning, EvaluationRecord
+from lightning_entk.monitor.sentinel import Reading
 
 
 def record(epoch, cliffs=(), kr=None, velocity=None, **metrics):
@@ -64,30 +65,55 @@ def test_regression_lead_silent_without_kernel_regression():
     assert kinds(detector, [record(e, val_acc=0.0) for e in range(5)]) == []
 
 
-def test_alignment_rise_names_the_readout_group_and_ignores_the_others():
-    """The last group in the metrics (the model's last parameters) is the readout: neither an
-    embedding nor the whole kernel, aligned as they may become, raises anything."""
-    detector = EarlyWarning(alignment_gain=0.1)
-    key = "entk/{}heldout_alignment".format
-    history = [
-        record(0, **{key(""): -0.04, key("embed/"): 0.0, key("unembed/"): -0.03}),
-        record(100, **{key(""): 0.3, key("embed/"): 0.4, key("unembed/"): 0.09}),  # below 0.1
-        record(200, **{key(""): 0.3, key("embed/"): 0.4, key("unembed/"): 0.12}),
-        record(300, **{key(""): 0.5, key("embed/"): 0.5, key("unembed/"): 0.5}),
+def reading(epoch, held, trained):
+    """A sentinel reading: no cliffs, the readout's alignments."""
+    metrics = {
+        "entk/sentinel/heldout_alignment": held,
+        "entk/sentinel/train_alignment": trained,
+    }
+    return Reading(epoch=epoch, step=10 * epoch, metrics=metrics)
+
+
+def test_alignment_ratio_fires_when_held_out_alignment_reaches_a_quarter_of_the_trained():
+    detector = EarlyWarning(alignment_ratio=0.25, min_train_alignment=0.1)
+    detector.readout_group = "unembed"
+    readings = [
+        reading(0, -0.04, -0.04),  # initialization: nothing fitted
+        reading(10, 0.02, 0.05),  # a ratio of 0.4, but the training alignment is below 0.1
+        reading(20, 0.02, 0.2),  # 0.1
+        reading(30, 0.049, 0.2),  # just below
+        reading(40, 0.05, 0.2),  # a quarter
+        reading(50, 0.2, 0.3),  # raised once only
     ]
-    raised = [t for r in history for t in detector.update(r)]
-    assert [(t.epoch, t.kind, t.group) for t in raised] == [(200, "alignment_rise", "unembed")]
-    assert raised[0].evidence == {"heldout_alignment": 0.12, "start": -0.03}
-    assert "alignment_rise of group 'unembed'" in raised[0].describe()
+    raised = [t for r in readings for t in detector.update(r)]
+    assert [(t.epoch, t.kind, t.group) for t in raised] == [(40, "alignment_ratio", "unembed")]
+    assert raised[0].evidence == {"heldout_alignment": 0.05, "train_alignment": 0.2, "ratio": 0.25}
+    assert "alignment_ratio of group 'unembed'" in raised[0].describe()
 
 
-def test_alignment_rise_is_judged_above_an_aligned_start():
-    """A readout aligned from initialization must rise by the gain over its start."""
-    detector = EarlyWarning(alignment_gain=0.1)
-    alignments = [0.3, 0.35, 0.39, 0.41]
-    history = [record(e, **{"entk/heldout_alignment": a}) for e, a in enumerate(alignments)]
-    raised = [t for r in history for t in detector.update(r)]
-    assert [(t.epoch, t.group) for t in raised] == [(3, None)]  # the whole kernel: no group
+def test_alignment_ratio_is_silent_for_features_that_carry_over_from_the_start():
+    """A pretrained readout, its held-out alignment a large share of the trained one from the
+    first reading, has nothing coming: no alarm unless the ratio first falls below the level."""
+    detector = EarlyWarning()
+    assert kinds(detector, [reading(e, 0.3, 0.4) for e in range(5)]) == []
+    assert kinds(detector, [reading(5, 0.05, 0.4), reading(6, 0.3, 0.4)]) == [
+        (6, "alignment_ratio")
+    ]
+
+
+def test_alignment_ratio_reads_sentinel_readings_beside_full_evaluations():
+    """Full evaluations (with cliffs, without the sentinel's keys) and readings interleave; the
+    cliff and velocity rules read only the former, the ratio only the latter."""
+    detector = EarlyWarning(persistence=1, velocity_factor=2.0, warmup=1)
+    history = [
+        record(0, (57,), velocity=None),
+        reading(1, 0.0, 0.2),
+        record(2, (57,), velocity=0.1),
+        reading(3, 0.0, 0.2),
+        record(4, (57,), velocity=0.1),
+        reading(5, 0.1, 0.2),
+    ]
+    assert kinds(detector, history) == [(5, "alignment_ratio")]
 
 
 def test_new_cliff_must_persist_and_be_new():
@@ -140,8 +166,8 @@ def test_state_round_trip_continues_where_it_left_off():
         ({"warmup": 1.5}, "warmup"),
         ({"rank_tolerance": -1}, "rank_tolerance"),
         ({"velocity_factor": 1.0}, "velocity_factor"),
-        ({"alignment_gain": 0.0}, "alignment_gain"),
-        ({"alignment_gain": 1.5}, "alignment_gain"),
+        ({"alignment_ratio": 0.0}, "alignment_ratio"),
+        ({"min_train_alignment": 1.5}, "min_train_alignment"),
     ],
 )
 def test_invalid_arguments_raise(kwargs, match):

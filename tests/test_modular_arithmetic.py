@@ -232,7 +232,7 @@ def test_mlp_trainer_logs_metrics():
 
 @pytest.mark.slow
 def test_mlp_groks_with_paper_setup():
-    """DESIGN.md section 5: 100% test accuracy by epoch 200 (here ~1.0 by epoch 110)."""
+    """docs/design.md: 100% test accuracy by epoch 200 (here ~1.0 by epoch 110)."""
     L.seed_everything(0, verbose=False)
     trainer = quick_trainer(max_epochs=300)
     trainer.fit(ModularArithmeticMLP(), datamodule=ModularArithmeticDataModule())

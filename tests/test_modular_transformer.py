@@ -16,7 +16,7 @@ from example_modules.modular_arithmetic import (
 from example_modules.modular_transformer import ModularTransformer, ModularTransformerDataModule
 from lightning_entk import empirical_ntk
 from lightning_entk.callback import ENTKMonitor
-from lightning_entk.kernel import ntk_context
+from lightning_entk.kernel import KernelOptions, ntk_context
 
 from reference import brute_force_ntk
 
@@ -233,7 +233,7 @@ def test_transformer_kernel_matches_brute_force(mode, method):
 def test_transformer_kernel_structured_covers_every_parameter():
     model = tiny_transformer()
     x, _ = ModularTransformerDataModule(p=5).grid()
-    with ntk_context(model, x, None, None, None, None, "structured", 256) as ctx:
+    with ntk_context(model, x, None, KernelOptions(method="structured")) as ctx:
         jacobian = ctx.jacobian(ctx.x1)
         structure = ctx.structure(ctx.x1)
         assert structure.generic == {}

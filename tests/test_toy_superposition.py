@@ -152,7 +152,7 @@ def test_tms_trainer_logs_metrics():
 
 @pytest.mark.slow
 def test_tms_reconstructs_one_feature_per_dimension_at_low_sparsity():
-    """DESIGN.md section 5: (m, S) = (10, 0.3) reconstructs 10 features after 5000 steps."""
+    """docs/design.md: (m, S) = (10, 0.3) reconstructs 10 features after 5000 steps."""
     L.seed_everything(0, verbose=False)
     model = ToyModelOfSuperposition(n_hidden=10)
     quick_trainer(max_steps=5000).fit(model, datamodule=SuperpositionDataModule(sparsity=0.3))

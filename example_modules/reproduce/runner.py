@@ -49,6 +49,7 @@ from example_modules.toy_superposition import SuperpositionDataModule, ToyModelO
 from lightning_entk import (
     Cliff,
     ENTKMonitor,
+    KernelOptions,
     PhaseTransition,
     feature_alignment,
     find_cliffs,
@@ -434,8 +435,8 @@ def run_modular(config: ModularConfig) -> ModularResult:
         probe=ProbeSet(x, y, heldout),
         every_n_epochs=config.monitor_every,
         mode="trace",
-        groups=None,  # the paper's figures are of the whole kernel
-        log_images=False,
+        kernel=KernelOptions(),  # no groups: the paper's figures are of the whole kernel
+        image_every_n_evaluations=0,
     )
     record = TrainingRecord(config.overlap_every)
     _fit(model, data, [monitor, record], max_epochs=config.epochs)

@@ -67,6 +67,7 @@ from lightning_entk.kernel.points import (
 )
 from lightning_entk.kernel.rules import Use
 
+
 @contextlib.contextmanager
 def _evaluation_state(model: nn.Module) -> Iterator[None]:
     """Eval mode, no autocast and no TF32 inside; the model's own modes restored after."""

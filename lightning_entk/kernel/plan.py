@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from lightning_entk.kernel.context import CaptureRoute, ntk_context
-from lightning_entk.kernel.options import KernelOptions
 from lightning_entk.kernel.factors import dense_flops, gram_flops
+from lightning_entk.kernel.options import KernelOptions
 from lightning_entk.kernel.points import Points, num_points
 
 

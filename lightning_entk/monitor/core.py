@@ -48,6 +48,7 @@ from lightning_entk import plots
 from lightning_entk.distributed import combine_shares, failed_share, kernel_share
 from lightning_entk.early_warning import EarlyWarning, EvaluationRecord, PhaseTransition
 from lightning_entk.evaluation import Evaluation, evaluate, probe_within_budget
+from lightning_entk.forecast import Forecast, forecast
 from lightning_entk.kernel import KernelOptions, MemoryBudget, ntk_plan
 from lightning_entk.kernel.points import num_points, to_device
 from lightning_entk.milestones import first_epoch_reaching
@@ -167,6 +168,7 @@ class Monitor:
         self.readings: list[Reading] = []  # sentinel readings
         self.watched: dict[int, float] = {}  # completed epochs -> the watched metric
         self.transitions: list[PhaseTransition] = []
+        self.forecasts: list[Forecast] = []  # each that said something, and each that stopped
         self.summary_path: Path | None = None
         self._previous_kernel: Tensor | None = None
         self._last_result: Evaluation | None = None
@@ -194,7 +196,7 @@ class Monitor:
             self.sink.layout(tensorboard_layout(self.accuracy_key, self.kernel.groups is not None))
         self.clock.start()
         if not self.history:
-            self._read_sentinel(step, epoch, epoch_end=True)
+            self._read_sentinel(step, epoch)
             self._full_evaluation(step, epoch, final=False)
 
     def step(
@@ -212,8 +214,11 @@ class Monitor:
         raised = len(self.transitions)
         if epoch_end and metrics:
             self._watch(epoch, metrics)
-        if self.sentinel is not None and self.sentinel.due(step):
-            self._read_sentinel(step, epoch, epoch_end)
+        if self.sentinel is not None:
+            if epoch_end:
+                self.sentinel.epoch_ended(step)
+            if self.sentinel.due(step):
+                self._read_sentinel(step, epoch)
         if self._last_step() != step and self.schedule.due(step, epoch, epoch_end):
             if self._decide(lambda: self.schedule.allows(step, self.clock)):
                 self._full_evaluation(step, epoch, final=False)
@@ -268,6 +273,7 @@ class Monitor:
         for transition in self.transitions:
             lines.append(f"    {transition.describe()}")
             lines.append(f"        {describe_lead(transition.epoch, crossed[LEVELS[0]], key)}")
+        lines += describe_forecasts(self.forecasts, self.transitions, crossed[LEVELS[0]], key)
         for label, record in (("start", self.history[:1]), ("end", self.history[-1:])):
             for r in record:
                 ranks = ", ".join(f"{c.rank} (x{10**c.drop:.2f})" for c in r.cliffs) or "none"
@@ -279,11 +285,20 @@ class Monitor:
         """The spectrum's evolution over the full evaluations, cliffs marked; below, the
         watched metric at every epoch, the sentinel's readout alignment at every reading and
         kernel regression at every full evaluation, alarms as verticals."""
-        drawn_for = (len(self.history), len(self.readings), len(self.watched), len(self.transitions))
+        drawn_for = (
+            len(self.history),
+            len(self.readings),
+            len(self.watched),
+            len(self.transitions),
+        )
         if self._summary is None or self._summary[0] != drawn_for:
+            detector = self.early_warning
             figure = plots.plot_history(
-                self.history, self.accuracy_key, self.transitions, self.readings, self.watched
-            )
+                self.history, self.accuracy_key, self.transitions, self.readings, self.watched,
+                ratio_level=None if detector is None else detector.alignment_ratio,
+                min_train_alignment=0.0 if detector is None else detector.min_train_alignment,
+                forecasts=self.forecasts, actual=self.first_epoch_reaching(LEVELS[0]),
+            )  # fmt: skip
             self._summary = (drawn_for, figure)
         return self._summary[1]
 
@@ -293,7 +308,10 @@ class Monitor:
             "readings": [r.to_state() for r in self.readings],
             "watched": dict(self.watched),
             "transitions": [vars(t) for t in self.transitions],
-            "early_warning": None if self.early_warning is None else self.early_warning.state_dict(),
+            "forecasts": [vars(f) for f in self.forecasts],
+            "early_warning": None
+            if self.early_warning is None
+            else self.early_warning.state_dict(),
             "schedule": self.schedule.state_dict(),
             "sentinel": None if self.sentinel is None else self.sentinel.state_dict(),
             "probe": vars(self.probe),
@@ -307,6 +325,7 @@ class Monitor:
         self.readings = [Reading.from_state(r) for r in state.get("readings", [])]
         self.watched = dict(state.get("watched", {}))
         self.transitions = [PhaseTransition(**t) for t in state["transitions"]]
+        self.forecasts = [Forecast(**f) for f in state.get("forecasts", [])]
         if self.early_warning is not None and state.get("early_warning") is not None:
             self.early_warning.load_state_dict(state["early_warning"])
         self.schedule.load_state_dict(state.get("schedule", {}))
@@ -318,7 +337,7 @@ class Monitor:
     # ----------------------------------------------------------------------------------------
     # The sentinel
 
-    def _read_sentinel(self, step: int, epoch: int, epoch_end: bool) -> None:
+    def _read_sentinel(self, step: int, epoch: int) -> None:
         if self.sentinel is None or not self.sentinel.ready:
             return
         with self.clock.charge("sentinel"):
@@ -327,7 +346,7 @@ class Monitor:
             if self.collective.rank == 0:
                 values = self._safely("its sentinel reading", step, self.sentinel.read)
                 cost = self.clock.now() - began
-                self.sentinel.schedule_next(step, cost, self.clock, epoch_end)
+                self.sentinel.schedule_next(step, cost, self.clock)
                 if values is not None:
                     values[keys.SENTINEL_SECONDS] = cost
             values, state = self.collective.broadcast((values, self.sentinel.state_dict()))
@@ -338,7 +357,26 @@ class Monitor:
             self.readings.append(reading)
             self.schedule.observe(step, values)
             self._detect(reading)
-            self.sink.scalars(values, step)
+            self.sink.scalars({**values, **self._forecast(epoch)}, step)
+
+    def _forecast(self, epoch: int) -> dict[str, float]:
+        """The forecast from the readings so far (kept when it says something, or when it
+        stops saying something); its scalars."""
+        readings = [r for r in self.readings if keys.SENTINEL_ALIGNMENT in r.metrics]
+        made = forecast(
+            [r.epoch for r in readings],
+            [r.metrics[keys.SENTINEL_ALIGNMENT] for r in readings],
+            epoch,
+        )
+        if made.epoch is not None or (self.forecasts and self.forecasts[-1].epoch is not None):
+            self.forecasts.append(made)
+        if made.epoch is None:
+            return {}
+        return {
+            keys.FORECAST: made.epoch,
+            keys.FORECAST_LOW: made.low,
+            keys.FORECAST_HIGH: made.high,
+        }
 
     # ----------------------------------------------------------------------------------------
     # Full evaluations
@@ -352,13 +390,17 @@ class Monitor:
                 result = self._safely("its evaluation", step, lambda m: self._evaluate(m, kernel))
             if result is not None:
                 result.metrics[keys.SECONDS] = self.clock.now() - began
-            payload = None if result is None else (result.eigenvalues, result.cliffs, result.metrics)
+            payload = (
+                None if result is None else (result.eigenvalues, result.cliffs, result.metrics)
+            )
             payload = self.collective.broadcast(payload)
             if payload is not None:
                 logged = self.clock.now()
                 self._record(step, epoch, *payload)
                 if result is not None:
-                    self.sink.scalars({keys.SECONDS_LOGGING: self.clock.now() - logged}, step, local=True)
+                    self.sink.scalars(
+                        {keys.SECONDS_LOGGING: self.clock.now() - logged}, step, local=True
+                    )
             cost = self.clock.now() - began
         if result is not None:
             self._extras(result, step, final)
@@ -405,7 +447,9 @@ class Monitor:
         n = num_points(x)
         try:
             with preserved_rng():
-                share = kernel_share(self.model, x, world, rank, mode=self.mode, options=self.engine)
+                share = kernel_share(
+                    self.model, x, world, rank, mode=self.mode, options=self.engine
+                )
         except Exception as err:
             warnings.warn(f"ENTKMonitor: kernel part failed on rank {rank}: {err!r}", stacklevel=2)
             share = failed_share(n, world, self.mode, self._rows_per_point, device)
@@ -438,8 +482,8 @@ class Monitor:
         return self.image_every_n_evaluations > 0 and self.sink.images
 
     def _extras(self, result: Evaluation, step: int, final: bool) -> None:
-        """Rank 0: the histogram; the images at every n-th evaluation and at the end, when the
-        budget affords them."""
+        """Rank 0: the histogram; the images at every n-th evaluation when the budget affords
+        them, and at the end."""
         self._last_result = result
         if not self._images():
             return
@@ -449,8 +493,9 @@ class Monitor:
             if positive.size:
                 self.sink.histogram(keys.EIGENVALUE_HISTOGRAM, np.log10(positive), step)
             count = len(self.history) - 1  # evaluations since initialization
-            draw = final or (count > 0 and count % self.image_every_n_evaluations == 0)
-            if draw and self.schedule.affords(self._image_seconds, self.clock):
+            due = count > 0 and count % self.image_every_n_evaluations == 0
+            # The last images, like the summary figure, are always drawn; others when affordable.
+            if final or (due and self.schedule.affords(self._image_seconds, self.clock)):
                 self._draw_images(result, step)
             self.sink.scalars({keys.SECONDS_IMAGES: self.clock.now() - began}, step, local=True)
 
@@ -556,6 +601,28 @@ class Monitor:
         return features, bool(getattr(self.model, "entk_feature_pairs", False))
 
 
+def describe_forecasts(forecasts, transitions, crossed: int | None, key: str | None) -> list[str]:
+    """How the forecast of the epoch of ``key`` >= 0.5 moved: the first, at the first alarm,
+    and the last, each with its error against ``crossed`` when known."""
+    if not forecasts:
+        return [f"forecast of {key} >= 0.5: none made (nothing seen coming)"]
+    alarm = transitions[0].epoch if transitions else None
+    chosen = {"first": forecasts[0], "last": forecasts[-1]}
+    if alarm is not None:
+        at_alarm = [f for f in forecasts if f.made_at <= alarm]
+        if at_alarm:
+            chosen["at the first alarm"] = at_alarm[-1]
+    lines = [f"forecast of {key} >= 0.5 (actual: {'not reached' if crossed is None else crossed}):"]
+    for label in ("first", "at the first alarm", "last"):
+        if label in chosen:
+            f = chosen[label]
+            error = ""
+            if crossed is not None and f.epoch is not None:
+                error = f", {100 * (f.epoch - crossed) / crossed:+.0f}%"
+            lines.append(f"    {label:<19}{f.describe()}{error}")
+    return lines
+
+
 def describe_lead(alarm_epoch: int, crossed: int | None, key: str | None) -> str:
     """How far ahead of the watched metric's crossing an alarm came.
 
@@ -619,4 +686,3 @@ def preserved_rng() -> Iterator[None]:
         finally:
             np.random.set_state(numpy_state)  # noqa: NPY002
             random.setstate(python_state)
-

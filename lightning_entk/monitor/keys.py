@@ -25,8 +25,12 @@ Scalars of a full evaluation (``R`` rows of the kernel: N for ``trace``, C*N for
 
 Scalars of a sentinel reading (:mod:`~lightning_entk.monitor.sentinel`):
 
-    entk/sentinel/heldout_alignment  the readout's kernel's debiased held-out alignment
+    entk/sentinel/heldout_alignment  the readout's kernel's debiased alignment on held-out points
+    entk/sentinel/train_alignment    the same on training points
+    entk/sentinel/alignment_ratio    held-out over training (when the training one is positive)
     entk/sentinel/seconds            wall time of the reading
+    entk/forecast/epoch              the forecast epoch at which the watched metric reaches 0.5
+    entk/forecast/low, /high         its interval (:mod:`~lightning_entk.forecast`)
 """
 
 from __future__ import annotations
@@ -51,7 +55,12 @@ SECONDS_LOGGING = "entk/seconds/logging"
 SECONDS_IMAGES = "entk/seconds/images"
 
 SENTINEL_ALIGNMENT = "entk/sentinel/heldout_alignment"
+SENTINEL_TRAIN_ALIGNMENT = "entk/sentinel/train_alignment"
+SENTINEL_RATIO = "entk/sentinel/alignment_ratio"
 SENTINEL_SECONDS = "entk/sentinel/seconds"
+FORECAST = "entk/forecast/epoch"
+FORECAST_LOW = "entk/forecast/low"
+FORECAST_HIGH = "entk/forecast/high"
 
 PROGRESS_BAR = (NUM_CLIFFS, SENTINEL_ALIGNMENT)
 

@@ -7,9 +7,10 @@ cheap and dense. The signal that warns of generalisation is cheap by nature: the
 For a linear readout ``y = W h + b`` its trace eNTK is ``C (h(x) . h(x') + 1)``: one forward
 pass and one Gram matrix. The sentinel computes exactly that kernel, through the engine (so a
 tied, transposed or non-linear readout is exact too, and discovery is paid once), on the
-held-out probe points only, and from it the debiased held-out alignment
-(:func:`~lightning_entk.evaluation.debiased_alignment`): how far the features feeding the
-output line up with labels the network was not trained on.
+held-out probe points and on a few training probe points, and from each the debiased
+alignment with the labels (:func:`~lightning_entk.evaluation.debiased_alignment`): how far the
+features feeding the output line up with labels the network was not trained on, and with those
+it was. Their ratio says how much of what the readout has learned carries over to new points.
 
 It runs at every epoch's end (and every few steps of a long epoch), as often as its own share
 of the training time allows (``share``, 10% by default): after each reading the gap to the
@@ -42,7 +43,8 @@ from lightning_entk.schedule import Clock
 
 DEFAULT_SHARE = 0.1  # of the training time, at most
 READINGS_PER_EPOCH = 10  # at most, on long epochs
-MAX_POINTS = 512  # held-out points read (a seeded subset of more): the Gram is N^2 d
+MAX_POINTS = 256  # held-out points read (a seeded subset of more)
+TRAIN_POINTS = 128  # training points read: their alignment is large, so fewer do
 MAX_OUTPUTS = 64  # more outputs (a language model's vocabulary): estimated from projections
 
 
@@ -84,8 +86,7 @@ class Sentinel:
         self.share = float(share)
         self.group: str | None = None  # the readout's name, once set up
         self.off_reason: str | None = "not set up"
-        self._points = None
-        self._targets: Tensor | None = None
+        self._sets: list[tuple[object, Tensor]] = []  # (points, one-hot labels): held-out, trained
         self._options: KernelOptions | None = None
         self._state = {
             "next_step": 0, "count": 0, "costs": [], "epoch_step": None, "steps_per_epoch": None
@@ -97,13 +98,14 @@ class Sentinel:
         if probe.y is None or probe.heldout is None:
             self.off_reason = "the probe has no labels or no held-out points"
             return self.off_reason
-        held = probe.heldout.nonzero().flatten()
+        held = _seeded_subset(probe.heldout.nonzero().flatten(), MAX_POINTS)
         if len(held) < MIN_DEBIASED_POINTS:
             self.off_reason = f"fewer than {MIN_DEBIASED_POINTS} held-out probe points"
             return self.off_reason
-        if len(held) > MAX_POINTS:
-            generator = torch.Generator().manual_seed(0)
-            held = held[torch.randperm(len(held), generator=generator)[:MAX_POINTS]].sort().values
+        trained = _seeded_subset((~probe.heldout).nonzero().flatten(), TRAIN_POINTS)
+        if len(trained) < MIN_DEBIASED_POINTS:
+            self.off_reason = f"fewer than {MIN_DEBIASED_POINTS} training probe points"
+            return self.off_reason
         counted = select_parameters(model, options.params)
         if self.readout is None:
             group_of = automatic_groups(model, counted)
@@ -113,11 +115,14 @@ class Sentinel:
             names = select_parameters(model, self.readout)
             self.group = _common_prefix(names)
         device = next(model.parameters()).device
-        self._points = to_device(take(probe.x, held), device)
-        labels = probe.y[held.to(probe.y.device)].to(device).long()
-        self._targets = torch.nn.functional.one_hot(labels)  # only equal labels matter
+        labels = probe.y.to(device).long()
+        self._sets = [
+            (to_device(take(probe.x, index), device),
+             torch.nn.functional.one_hot(labels[index.to(device)]))  # only equal labels matter
+            for index in (held, trained)
+        ]  # fmt: skip
         self._options = options.replace(params=names, groups=None)
-        outputs = num_outputs(model, self._points, options.output_fn, options.forward_fn)
+        outputs = num_outputs(model, self._sets[0][0], options.output_fn, options.forward_fn)
         if outputs > MAX_OUTPUTS and options.output_projections is None:
             self._options = self._options.replace(output_projections=MAX_OUTPUTS)
         self.off_reason = None
@@ -129,33 +134,45 @@ class Sentinel:
 
     @property
     def num_points(self) -> int:
-        return 0 if self._points is None else num_points(self._points)
+        """Held-out points read."""
+        return num_points(self._sets[0][0]) if self._sets else 0
 
     def due(self, step: int) -> bool:
         """Whether a reading is due at ``step`` (the same on every process)."""
         return self.ready and step >= self._state["next_step"]
 
     def read(self, model: nn.Module) -> dict[str, float]:
-        """The reading's scalars: the readout's debiased held-out alignment.
+        """The reading's scalars: the readout's debiased alignment on the held-out points and on
+        the training points, and their ratio (when the training points' is positive).
 
         Raises:
-            FloatingPointError: if the kernel is not finite.
+            FloatingPointError: if a kernel is not finite.
         """
-        kernel = empirical_ntk(model, self._points, options=self._options)
-        if not torch.isfinite(kernel).all():
-            raise FloatingPointError("the readout's kernel has NaN or inf entries")
-        return {keys.SENTINEL_ALIGNMENT: debiased_alignment(kernel, self._targets)}
+        alignments = []
+        for points, targets in self._sets:
+            kernel = empirical_ntk(model, points, options=self._options)
+            if not torch.isfinite(kernel).all():
+                raise FloatingPointError("the readout's kernel has NaN or inf entries")
+            alignments.append(debiased_alignment(kernel, targets))
+        held, trained = alignments
+        values = {keys.SENTINEL_ALIGNMENT: held, keys.SENTINEL_TRAIN_ALIGNMENT: trained}
+        if trained > 0:
+            values[keys.SENTINEL_RATIO] = held / trained
+        return values
 
-    def schedule_next(self, step: int, cost: float, clock: Clock, epoch_end: bool) -> None:
+    def epoch_ended(self, step: int) -> None:
+        """An epoch ended at ``step``: the epoch's length, for the gap on long epochs."""
+        state = self._state
+        if state["epoch_step"] is not None and step > state["epoch_step"]:
+            state["steps_per_epoch"] = step - state["epoch_step"]
+        state["epoch_step"] = step
+
+    def schedule_next(self, step: int, cost: float, clock: Clock) -> None:
         """Set the step of the next reading after one at ``step`` that took ``cost`` seconds."""
         state = self._state
         state["count"] += 1
         if state["count"] > 1:  # the first reading paid for the engine's discovery
             state["costs"] = [*state["costs"][-2:], cost]
-        if epoch_end:
-            if state["epoch_step"] is not None:
-                state["steps_per_epoch"] = step - state["epoch_step"]
-            state["epoch_step"] = step
         trained = clock.training_seconds()
         gap = 1
         if state["costs"] and trained > 0 and step > 0:
@@ -171,6 +188,14 @@ class Sentinel:
 
     def load_state_dict(self, state: dict) -> None:
         self._state.update(state)
+
+
+def _seeded_subset(index: Tensor, count: int) -> Tensor:
+    """At most ``count`` of ``index``, a seeded choice kept in order."""
+    if len(index) <= count:
+        return index
+    generator = torch.Generator().manual_seed(0)
+    return index[torch.randperm(len(index), generator=generator)[:count]].sort().values
 
 
 def _common_prefix(names: list[str]) -> str:
