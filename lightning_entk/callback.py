@@ -24,9 +24,7 @@ from lightning_entk.monitor.core import Monitor, check_monitor_options, preserve
 from lightning_entk.monitor.sentinel import Sentinel
 from lightning_entk.monitor.sinks import TensorBoardSink
 from lightning_entk.probe import DEFAULT_MAX_PROBE_POINTS, as_probe_set, draw_probe_set
-from lightning_entk.schedule import FixedCadence, TimeBudget
-
-DEFAULT_MAX_OVERHEAD = 0.2  # the time budget when no fixed cadence is set
+from lightning_entk.schedule import DEFAULT_MAX_OVERHEAD, FixedCadence, TimeBudget
 
 
 class ENTKMonitor(Callback):
@@ -58,7 +56,7 @@ class ENTKMonitor(Callback):
             within the time budget.
         mode: ``"trace"`` (N x N, the *sum* over outputs) or ``"flatten"`` (C*N x C*N).
         max_overhead: the time budget: the monitor's wall time, sentinel included, as a share
-            of the training's (``None``: 0.2 unless a fixed cadence is set).
+            of the training's (``None``: 0.1 unless a fixed cadence is set).
         max_probe_points: cap on the points drawn when ``probe`` is ``None``.
         kernel: how the kernel is computed (:class:`~lightning_entk.kernel.KernelOptions`:
             parameters, output maps, projections, groups, memory budget, ...); ``None`` for

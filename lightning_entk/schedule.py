@@ -48,6 +48,7 @@ from typing import Protocol
 
 from lightning_entk.monitor import keys
 
+DEFAULT_MAX_OVERHEAD = 0.1  # the monitor's seconds, sentinel included, over training's
 # The signals whose change sets the gap: the key itself or ``entk/<group>/<signal>``.
 MOVING_SIGNALS = ("kernel_regression_acc", "kernel_target_alignment")
 VELOCITY = "kernel_velocity"
@@ -175,7 +176,7 @@ class TimeBudget:
 
     Args:
         max_overhead: the monitor's wall time (sentinel readings included) as a share of
-            training's, e.g. 0.2: at most 20% on top of training (over a run; ``burst``
+            training's, e.g. 0.1: at most 10% on top of training (over a run; ``burst``
             evaluations may come early).
         tolerance: the change of a signal per evaluation that keeps the gap as it is; a
             sentinel reading that moved this far since the last full evaluation makes the
@@ -203,7 +204,9 @@ class TimeBudget:
         True
     """
 
-    def __init__(self, max_overhead: float = 0.2, tolerance: float = 0.02, burst: int = 4):
+    def __init__(
+        self, max_overhead: float = DEFAULT_MAX_OVERHEAD, tolerance: float = 0.02, burst: int = 4
+    ):
         for name, value in (("max_overhead", max_overhead), ("tolerance", tolerance)):
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
                 raise ValueError(f"`{name}` must be a positive number, got {value!r}.")

@@ -23,7 +23,7 @@ def test_demo_warns_before_grokking_and_logs_a_new_cliff(tmp_path, capsys):
     tags = events.Tags()
     for key in ("val_acc", "entk/num_cliffs", "entk/sentinel/heldout_alignment", "entk/transitions"):
         assert key in tags["scalars"], key
-    assert "entk/spectrum" in tags["images"] and "entk/spectrum_evolution" in tags["images"]
+    assert "entk/spectrum_evolution" in tags["images"]  # the summary figure, always
 
     crossed = monitor.first_epoch_reaching(0.5)
     alarms = {t.kind: t for t in monitor.transitions}

@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Protocol
 
+import matplotlib.image
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -105,7 +106,7 @@ class Monitor:
             the engine gets half, the dense kernel work the rest; a probe set that would not
             fit is cut to the largest seeded subset that does, with a warning.
         schedule: when full evaluations are made (:mod:`~lightning_entk.schedule`); default
-            :class:`~lightning_entk.TimeBudget` (20% of the training time, sentinel included).
+            :class:`~lightning_entk.TimeBudget` (10% of the training time, sentinel included).
         sentinel: the readout's reading at every epoch (:class:`Sentinel`, ``True`` for the
             default one, ``False`` for none).
         early_warning: the detector (``True``: ``EarlyWarning(accuracy_key)``; ``False``: none).
@@ -172,7 +173,6 @@ class Monitor:
         self.summary_path: Path | None = None
         self._previous_kernel: Tensor | None = None
         self._last_result: Evaluation | None = None
-        self._pictured_step: int | None = None
         self._image_seconds = 0.0
         self._warned_missing_metric = False
         self._summary = None
@@ -225,17 +225,16 @@ class Monitor:
         return self.transitions[raised:]
 
     def end(self, step: int, epoch: int, metrics: Mapping[str, float] | None = None) -> None:
-        """Training ended: the kernel at the end (unless just evaluated), the last images, and
-        the summary figure in the sink's directory."""
+        """Training ended: the kernel at the end (unless just evaluated), its images when the
+        budget affords them, and the summary figure (always: in the sink's directory as
+        ``entk_summary.png`` and as the sink's last image of the spectrum's evolution)."""
         if metrics:
             self._watch(epoch, metrics)
         if self._last_step() != step:
             self._full_evaluation(step, epoch, final=True)
-        elif self._pictured_step != step and self._last_result is not None and self._images():
-            self._draw_images(self._last_result, step)
-        if self.collective.rank == 0 and self.history and self.sink.log_dir is not None:
+        if self.collective.rank == 0 and self.history:
             with self.clock.charge("images"):
-                self.summary_path = self._save_summary_figure(Path(self.sink.log_dir))
+                self._write_summary_figure(step)
 
     # ----------------------------------------------------------------------------------------
     # Results
@@ -361,7 +360,10 @@ class Monitor:
 
     def _forecast(self, epoch: int) -> dict[str, float]:
         """The forecast from the readings so far (kept when it says something, or when it
-        stops saying something); its scalars."""
+        stops saying something), until the watched metric has reached the level; its
+        scalars."""
+        if self.first_epoch_reaching(LEVELS[0]) is not None:
+            return {}
         readings = [r for r in self.readings if keys.SENTINEL_ALIGNMENT in r.metrics]
         made = forecast(
             [r.epoch for r in readings],
@@ -482,8 +484,8 @@ class Monitor:
         return self.image_every_n_evaluations > 0 and self.sink.images
 
     def _extras(self, result: Evaluation, step: int, final: bool) -> None:
-        """Rank 0: the histogram; the images at every n-th evaluation when the budget affords
-        them, and at the end."""
+        """Rank 0: the histogram; the images at every n-th evaluation and at the end, when the
+        budget affords them."""
         self._last_result = result
         if not self._images():
             return
@@ -493,13 +495,14 @@ class Monitor:
             if positive.size:
                 self.sink.histogram(keys.EIGENVALUE_HISTOGRAM, np.log10(positive), step)
             count = len(self.history) - 1  # evaluations since initialization
-            due = count > 0 and count % self.image_every_n_evaluations == 0
-            # The last images, like the summary figure, are always drawn; others when affordable.
-            if final or (due and self.schedule.affords(self._image_seconds, self.clock)):
+            due = final or (count > 0 and count % self.image_every_n_evaluations == 0)
+            if due and self.schedule.affords(self._image_seconds, self.clock):
                 self._draw_images(result, step)
             self.sink.scalars({keys.SECONDS_IMAGES: self.clock.now() - began}, step, local=True)
 
     def _draw_images(self, result: Evaluation, step: int) -> None:
+        """One evaluation's figures: its spectrum with cliffs and, with ground truth, the
+        alignment of its eigenvectors with each family of features."""
         began = time.perf_counter()
         try:
             figures = plots.plot_evaluation(
@@ -510,23 +513,26 @@ class Monitor:
                 self._features,
                 self._feature_pairs,
             )
-            figures[keys.EVOLUTION_IMAGE] = self.summary_figure()
             self.sink.figures(figures, step)
         except Exception as err:
             self._warn(f"ENTKMonitor could not draw its images: {err!r}")
         self._image_seconds = time.perf_counter() - began
-        self._pictured_step = step
 
-    def _save_summary_figure(self, directory: Path) -> Path | None:
+    def _write_summary_figure(self, step: int) -> None:
+        """The summary figure, drawn once: to the sink and, where it has a directory, as
+        ``entk_summary.png`` there. A figure never fails the run."""
         try:
-            path = directory / SUMMARY_FILENAME
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.summary_figure().savefig(path, dpi=100)
-            log.info(f"ENTKMonitor: summary figure saved to {path}")
-            return path
-        except Exception as err:  # a figure must never fail the run
-            self._warn(f"ENTKMonitor could not save its summary figure: {err!r}")
-            return None
+            image = plots.figure_to_array(self.summary_figure())
+            if self.sink.images:
+                self.sink.figures({keys.EVOLUTION_IMAGE: image}, step)
+            if self.sink.log_dir is not None:
+                path = Path(self.sink.log_dir) / SUMMARY_FILENAME
+                path.parent.mkdir(parents=True, exist_ok=True)
+                matplotlib.image.imsave(path, image)
+                self.summary_path = path
+                log.info(f"ENTKMonitor: summary figure saved to {path}")
+        except Exception as err:
+            self._warn(f"ENTKMonitor could not draw its summary figure: {err!r}")
 
     # ----------------------------------------------------------------------------------------
     # Helpers

@@ -13,7 +13,7 @@ features feeding the output line up with labels the network was not trained on, 
 it was. Their ratio says how much of what the readout has learned carries over to new points.
 
 It runs at every epoch's end (and every few steps of a long epoch), as often as its own share
-of the training time allows (``share``, 10% by default): after each reading the gap to the
+of the training time allows (``share``, 5% by default): after each reading the gap to the
 next is the reading's cost over ``share`` times the training seconds per step, at least one
 step, and at least a tenth of an epoch's steps.
 """
@@ -41,7 +41,7 @@ from lightning_entk.monitor import keys
 from lightning_entk.probe import ProbeSet
 from lightning_entk.schedule import Clock
 
-DEFAULT_SHARE = 0.1  # of the training time, at most
+DEFAULT_SHARE = 0.05  # of the training time, at most: half the default time budget
 READINGS_PER_EPOCH = 10  # at most, on long epochs
 MAX_POINTS = 256  # held-out points read (a seeded subset of more)
 TRAIN_POINTS = 128  # training points read: their alignment is large, so fewer do

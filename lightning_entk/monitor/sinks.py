@@ -37,7 +37,8 @@ class Sink(Protocol):
 
     def text(self, tag: str, text: str, step: int) -> None: ...
 
-    def figures(self, figures: Mapping[str, Figure], step: int) -> None: ...
+    def figures(self, figures: Mapping[str, Figure | np.ndarray], step: int) -> None:
+        """Figures, or images already drawn (``(H, W, 3)`` uint8), by tag."""
 
     def histogram(self, tag: str, values: np.ndarray, step: int) -> None: ...
 
@@ -93,11 +94,12 @@ class TensorBoardSink:
     def text(self, tag: str, text: str, step: int) -> None:
         self.writer.add_text(tag, text, step)
 
-    def figures(self, figures: Mapping[str, Figure], step: int) -> None:
+    def figures(self, figures: Mapping[str, Figure | np.ndarray], step: int) -> None:
         from lightning_entk.plots import figure_to_array
 
         for tag, figure in figures.items():
-            self.writer.add_image(tag, figure_to_array(figure), step, dataformats="HWC")
+            image = figure if isinstance(figure, np.ndarray) else figure_to_array(figure)
+            self.writer.add_image(tag, image, step, dataformats="HWC")
 
     def histogram(self, tag: str, values: np.ndarray, step: int) -> None:
         self.writer.add_histogram(tag, values, step)
