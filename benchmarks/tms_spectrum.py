@@ -18,7 +18,7 @@ import torch
 
 from example_modules.toy_superposition import SuperpositionDataModule, ToyModelOfSuperposition
 from lightning_entk import ntk_spectrum
-from lightning_entk.kernel import ntk_context
+from lightning_entk.kernel import KernelOptions, ntk_context
 
 from _harness import measure, relative_error
 
@@ -55,7 +55,8 @@ def top_k(model, x, weights):
 
 
 def reference(model, x, weights):
-    with ntk_context(model, x, None, None, None, weights, "jacobian", 256) as ctx:
+    options = KernelOptions(output_weights=weights, method="jacobian", batch_size=256)
+    with ntk_context(model, x, None, options) as ctx:
         jac = ctx.jacobian(ctx.x1).materialized()  # (N, C, P)
     rows = jac.reshape(-1, jac.shape[-1]).to(torch.float64)
     values, _ = torch.linalg.eigh(rows.T @ rows)  # with eigenvectors, like ntk_spectrum

@@ -41,7 +41,9 @@ class MemoryBudget:
 
     def __post_init__(self) -> None:
         if isinstance(self.total, bool) or not isinstance(self.total, int) or self.total < 1:
-            raise ValueError(f"`memory_budget` must be a positive int of bytes, got {self.total!r}.")
+            raise ValueError(
+                f"`memory_budget` must be a positive int of bytes, got {self.total!r}."
+            )
 
     @property
     def piece(self) -> int:

@@ -23,6 +23,8 @@ from lightning_entk.kernel.points import ForwardFn, OutputFn
 
 ParamSelection = Iterable[str] | Callable[[str, nn.Parameter], bool] | None
 Groups = str | Mapping[str, Iterable[str] | Callable[[str], bool]] | Callable[[str], str] | None
+
+
 class NTKMethod(str, enum.Enum):
     """How the kernel is computed. Every method gives the same kernel up to float round-off.
 
@@ -135,11 +137,9 @@ class KernelOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
-        weights = self.output_weights
-        if weights is not None and torch.as_tensor(weights).ndim != 1:
-            raise ValueError(
-                f"`output_weights` must have shape (C,), got {tuple(torch.as_tensor(weights).shape)}."
-            )
+        weights = None if self.output_weights is None else torch.as_tensor(self.output_weights)
+        if weights is not None and weights.ndim != 1:
+            raise ValueError(f"`output_weights` must have shape (C,), got {tuple(weights.shape)}.")
 
     @classmethod
     def of(cls, options: KernelOptions | None = None, **fields: object) -> KernelOptions:
