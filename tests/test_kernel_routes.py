@@ -92,6 +92,19 @@ def test_batched_capture_reads_points_merged_after_positions():
     )
 
 
+def test_batched_capture_found_on_one_point_is_tried_again_on_several():
+    """One point cannot tell where the points of (T * N, E) go: discovered on ``x1`` of one
+    point, the layouts are found again on the first several points."""
+    model, x1, x2 = build("seq_first_encoder")
+    assert_relative_close(
+        empirical_ntk(model, x1[:1], x2, mode="full"),
+        brute_force_ntk(model, x1[:1], x2, "full"),
+        RTOL,
+    )
+    plan = ntk_plan(model, x1)  # the discovery kept, its layouts now found on several points
+    assert (plan.capture, plan.capture_reason) == ("batched", "")
+
+
 def test_points_dim_split_reads_point_major_and_point_minor_layouts():
     n, t, e = 3, 4, 2
     per_point = torch.arange(n * t * e).reshape(n, t, e)  # point i's (T, E) entries

@@ -12,18 +12,28 @@ points as blocks (:mod:`~lightning_entk.kernel.factors`):
    unchanged: the modules' code, the parameters' names, shapes and dtypes, the points'
    per-point shapes and the options that change the forward pass. The first call pays for
    discovery; later calls (the monitor's repeated evaluations) do not.
-2. *Capture* (per chunk of points): ``vmap`` over points of ``jacrev`` with respect to the
-   uses' zero perturbations gives the output gradients ``g``; the same pass returns the data
-   factors. A model that ``vmap`` cannot batch (data-dependent control flow) is run one point
-   at a time.
+2. *Capture* (per chunk of points): one batched forward pass with a zero perturbation added
+   to each use's output, and backward passes batched over the outputs, give the output
+   gradients ``g``; the same pass returns the data factors. Each operation's output holds the
+   points along one dim (:class:`PointsDim`), found on a trial of a few points: the dim whose
+   size grows with the points, and, where it merges them with positions (``x.view(-1, d)``,
+   or ``nn.MultiheadAttention``'s (T, N, E) merged as ``view(T * N, E)``), the order read
+   from which entries each point's outputs reach. Whatever data-dependent code the model
+   runs (masks built from token ids, padding checks) runs on the batch as the model's author
+   wrote it. A model whose operations do not hold the points so (the route's reason is kept
+   and :func:`~lightning_entk.kernel.plan.ntk_plan` shows it) is captured by ``vmap`` over
+   points of ``jacrev``, and one that ``vmap`` cannot batch (data-dependent control flow)
+   one point at a time.
 3. *Check* (first chunk): for a random combination of outputs, the parameter gradient rebuilt
-   from the factors must equal autograd's, parameter by parameter; a parameter that fails
-   (a use the capture did not see) moves to the generic path.
-4. *Assemble*: uses of a parameter with one injective layout become a
+   from the factors must equal autograd's, parameter by parameter, on single points; a
+   batched capture that fails falls back to ``vmap``, and a parameter that fails (a use the
+   capture did not see) moves to the generic path.
+4. *Assemble* (:func:`block_route`): uses of a parameter with one injective layout become a
    :class:`~lightning_entk.kernel.factors.FactorBlock` (positions where ``g`` is zero for every
-   point and output are dropped); a parameter with several layouts (a tied embedding and
-   unembedding) becomes a column block formed from its factors; generic parameters a column
-   block formed by ``torch.func``.
+   point and output are dropped); uses through a layout ``V`` and its transpose (a tied
+   embedding and unembedding) a :class:`~lightning_entk.kernel.factors.TiedBlock`; a
+   parameter with other layouts a column block formed from its factors; generic parameters a
+   column block formed by ``torch.func``.
 """
 
 from __future__ import annotations
@@ -520,6 +530,9 @@ class NTKContext:
         watched = {n: self.params[n] for n in structure.structured}
         n = num_points(chunk)
         like = self.params[structure.uses[0].param]
+        if structure.capture == CaptureRoute.BATCHED and n > 1 and structure.trial_points < 2:
+            # Discovered on one point, which cannot tell where the points go: a new trial.
+            self._choose_capture(structure, take(chunk, slice(0, min(3, n))))
         if structure.capture == CaptureRoute.BATCHED:
             try:
                 return self._batched_chunk(structure, watched, chunk)

@@ -12,9 +12,11 @@ all pairs of uses) of the product of two Grams::
     K[n, m, i, j] = sum_{h, t, s} (a[n, t, h] . a'[m, s, h]) (g[n, t, i, h] . g'[m, s, j, h])
 
 or, when that is cheaper, the per-example Jacobians are formed and contracted. A
-:class:`ColumnBlock` is a parameter whose Jacobian is formed column range by column range
-(from the factors of uses with different layouts, or by ``torch.func`` for a parameter no rule
-covers), so that its memory stays within a budget whatever N, C and P are.
+:class:`TiedBlock` holds a parameter used through a layout and through its transpose (a tied
+embedding and unembedding) as two factor blocks, its kernel their own plus cross terms of the
+same form. A :class:`ColumnBlock` is a parameter whose Jacobian is formed column range by
+column range (from the factors of uses with other sets of layouts, or by ``torch.func`` for a
+parameter no rule covers), so that its memory stays within a budget whatever N, C and P are.
 """
 
 from __future__ import annotations
