@@ -1,16 +1,20 @@
 """Top eigenpairs of the flattened eNTK of a trained Toy Model of Superposition.
 
-DESIGN.md section 5: n=50 features, m=40 hidden, sparsity S=0.9, N=500 points, trained 5000
-full-batch Adam steps; the flattened kernel has C*N = 25000 rows but rank <= P = m n + n = 2050.
+As in docs/design.md, 'The bundled experiments': n=50 features, m=40 hidden, sparsity S=0.9,
+N=500 points, trained 5000 full-batch Adam steps; the flattened kernel has C*N = 25000 rows but
+rank <= P = m n + n = 2050.
 Output weights are the paper's importance rescaling I^(beta c / 2) with beta = 0.3.
 ``ntk_spectrum(k=80)`` picks its route itself; the reference is a float64 ``eigh`` of
-``J^T J`` (P x P) from the same Jacobian, in the same run. Each in a fresh process.
+``J^T J`` (P x P) from the same Jacobian, in the same run. Each in a fresh process; the load
+average is printed before and after (timings beside another job are unreliable). Goal: a
+speed-up of at least 3.3x.
 
     python benchmarks/tms_spectrum.py
 """
 
 from __future__ import annotations
 
+import os
 import tempfile
 
 import lightning as L
@@ -65,6 +69,7 @@ def reference(model, x, weights):
 
 def main() -> None:
     train()
+    print(f"load average (1, 5, 15 min) before: {os.getloadavg()}")
     print(f"flattened eNTK: {N_POINTS * N_FEATURES} rows, P = {N_HIDDEN * N_FEATURES + N_FEATURES}")
     fast = measure(setup, top_k, repeats=3)
     slow = measure(setup, reference, repeats=3)
@@ -78,6 +83,7 @@ def main() -> None:
     print(f"speed-up: {slow['seconds'] / fast['seconds']:.1f}x")
     err = relative_error(spectrum.eigenvalues, slow["result"])
     print(f"relative difference of the top-{K} eigenvalues: {err:.1e}")
+    print(f"load average (1, 5, 15 min) after: {os.getloadavg()}")
 
 
 if __name__ == "__main__":
