@@ -141,11 +141,7 @@ def _predict(ctx, structure, mode, c, n1, n2, groups) -> NTKPlan:
             sides = [[u for u, f in zip(uses, flipped, strict=True) if f == side]
                      for side in (False, True)]  # fmt: skip
             t = (sum(u.positions for u in sides[0]), sum(u.positions for u in sides[1]))
-
-            def length(side: list, full: int) -> int:  # a dot product with tokens: a gather
-                return 1 if side and all(u.kind == "tokens" for u in side) else full
-
-            across = (length(sides[1], b), length(sides[0], a))
+            across = (_dot_length(sides[1], b), _dot_length(sides[0], a))
             if route == "tied":
                 flops = min(tied_flops(n1, n2, t, t, h, across, size, c, mode))
             else:
@@ -182,6 +178,11 @@ def _predict(ctx, structure, mode, c, n1, n2, groups) -> NTKPlan:
         rows, n1, c, mode, seconds, int(peak), structure.capture.value, factor_bytes,
         kernel_bytes, chunk, structure.capture_reason, groups,
     )  # fmt: skip
+
+
+def _dot_length(uses: list, inputs: int) -> int:
+    """The length of a dot product with the inputs of ``uses``: 1 for token ids (a gather)."""
+    return 1 if uses and all(u.kind == "tokens" for u in uses) else inputs
 
 
 _RATES: dict[tuple, float] = {}
