@@ -25,16 +25,40 @@ Rows and their goals (printed beside the measured ratios, not asserted):
    layers applied with ``addmm``, d_model 64, 4 heads, vocabulary 50, tied logits at the last
    position), 64 sequences of 8 tokens: ratio >= 10x.
 
-At the end: the route of every parameter of the transformer of row 3 (``ntk_plan``), and any
-parameter of any row that takes the ``generic`` (``torch.func``) route.
+Three patterns of downloaded models, in plain torch (the sizes of the small Hugging Face
+configurations they stand for), each: ratio >= 10x.
 
-    python benchmarks/entk_speed.py
+6. A mask built from the token ids by data-dependent code (``tests/user_models.PaddedEncoder``,
+   BERT/RoBERTa-style: mask from ``input_ids != pad``, a padding check that leaves the mask out
+   when nothing is padded, ``torch.where``, position ids from the mask's cumulative sum), 2
+   layers, hidden 128, 4 heads, feed-forward 512, 5 labels, vocabulary 97; 64 sequences of 8
+   tokens given as ``{"input_ids", "attention_mask"}`` with lengths 3-8, and the same
+   sequences unpadded as ids alone (no mask at all).
+7. A tied embedding and unembedding (``Conv1DModel`` as in row 5 at GPT-2's small
+   configuration: d_model 128, 4 heads, vocabulary 97, logits ``h @ wte.weight.T`` at the last
+   position), 32 sequences of 8 tokens.
+8. Sequence-first attention (``tests/user_models.SeqFirstEncoder``: (T, N, E) through 2 x
+   ``nn.TransformerEncoderLayer(batch_first=False)``, d_model 64, 4 heads, feed-forward 256,
+   with a key padding mask), 64 padded sequences of 8 tokens.
+
+At the end: the route of every parameter of the transformer of row 3 (``ntk_plan``), any
+parameter of any row that takes the ``generic`` (``torch.func``) route, and any row whose points
+are not captured in batched passes (with the reason).
+
+The load average is printed before and after: timings beside another job are unreliable. With
+``--interleave`` both methods run in one process, alternately (after a warm-up call of each),
+so that a load on the machine slows both alike; peak memory is then not measured.
+
+    python benchmarks/entk_speed.py [--interleave]
 """
 
 from __future__ import annotations
 
 import math
+import os
+import statistics
 import sys
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,11 +73,12 @@ from example_modules.modular_arithmetic import (
     grid_pairs,
 )
 from lightning_entk import empirical_ntk, ntk_plan
+from lightning_entk.kernel.points import num_points
 
 from _harness import measure, relative_error
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from user_models import Conv1DModel, RawTransformer
+from user_models import Conv1DModel, PaddedEncoder, RawTransformer, SeqFirstEncoder
 
 P, HIDDEN = 29, 512
 D_MODEL, N_HEADS, D_HEAD, D_MLP = 128, 4, 32, 512
@@ -61,6 +86,9 @@ TRANSFORMER_SUBSET = 128
 SEQUENCES, SEQ_LEN = 64, 8
 ENC_VOCAB, ENC_D, ENC_HEADS, ENC_FF, ENC_LAYERS, ENC_CLASSES = 20, 64, 4, 256, 2, 10
 GPT_VOCAB, GPT_D, GPT_HEADS, GPT_INNER = 50, 64, 4, 256
+# The small Hugging Face configurations of the three patterns (BERT, GPT-2).
+HF_VOCAB, HF_D, HF_HEADS, HF_FF, HF_LAYERS, HF_LABELS, HF_MIN_LEN = 97, 128, 4, 512, 2, 5, 3
+TIED_SEQUENCES = 32
 
 
 # ---------------------------------------------------------------------------------- models
@@ -166,6 +194,54 @@ def setup_gpt():
     return model, _sequences(GPT_VOCAB)
 
 
+def _padded_encoder() -> PaddedEncoder:
+    torch.manual_seed(0)
+    return PaddedEncoder(
+        vocab=HF_VOCAB, d_model=HF_D, n_heads=HF_HEADS, d_ff=HF_FF, n_layers=HF_LAYERS,
+        max_len=SEQ_LEN, num_classes=HF_LABELS,
+    )  # fmt: skip
+
+
+def _padded_batch() -> dict[str, Tensor]:
+    """Token ids in [1, vocab) with lengths 3-8, the rest the pad id 0, and their mask."""
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, HF_VOCAB, (SEQUENCES, SEQ_LEN), generator=generator)
+    lengths = torch.randint(HF_MIN_LEN, SEQ_LEN + 1, (SEQUENCES,), generator=generator)
+    mask = (torch.arange(SEQ_LEN)[None] < lengths[:, None]).long()
+    return {"input_ids": ids * mask, "attention_mask": mask}
+
+
+def setup_padded_mask():
+    return _padded_encoder(), _padded_batch()
+
+
+def setup_padded_no_mask():
+    ids = torch.randint(
+        1, HF_VOCAB, (SEQUENCES, SEQ_LEN), generator=torch.Generator().manual_seed(0)
+    )
+    return _padded_encoder(), ids
+
+
+def setup_tied_lm():
+    torch.manual_seed(0)
+    model = Conv1DModel(
+        vocab=HF_VOCAB, n_embd=HF_D, n_head=HF_HEADS, n_positions=SEQ_LEN, n_inner=4 * HF_D,
+        dropout=0.0, initializer_range=0.02,
+    )  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    return model, torch.randint(HF_VOCAB, (TIED_SEQUENCES, SEQ_LEN), generator=generator)
+
+
+def setup_seq_first():
+    torch.manual_seed(0)
+    model = SeqFirstEncoder(
+        vocab=ENC_VOCAB, d_model=ENC_D, nhead=ENC_HEADS, dim_feedforward=ENC_FF,
+        num_layers=ENC_LAYERS, max_len=SEQ_LEN, num_classes=ENC_CLASSES,
+    )  # fmt: skip
+    batch = _padded_batch()["input_ids"] % ENC_VOCAB  # pads stay 0, the pad id
+    return model, batch
+
+
 # ---------------------------------------------------------------------------------- calls
 
 
@@ -183,6 +259,23 @@ def default(model, x):
 
 def jacobian(model, x):
     return _kernel(model, x, "jacobian")
+
+
+INTERLEAVED_REPEATS = 3
+
+
+def interleaved(model, x) -> dict:
+    """Both methods in this one process, alternately, after one warm-up call of each: median
+    seconds of each, and both kernels."""
+    calls = {"default": default, "jacobian": jacobian}
+    seconds: dict[str, list[float]] = {name: [] for name in calls}
+    kernels = {name: call(model, x) for name, call in calls.items()}  # warm-up
+    for _ in range(INTERLEAVED_REPEATS):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            kernels[name] = call(model, x)
+            seconds[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(seconds[name]), kernels[name]) for name in calls}
 
 
 # ---------------------------------------------------------------------------------- table
@@ -218,6 +311,10 @@ ROWS = [
     ),
     Row("nn.TransformerEncoder x2", setup_encoder, min_ratio=10),
     Row("GPT-2 Conv1D block", setup_gpt, min_ratio=10, repeats=1),
+    Row("mask from ids, padded", setup_padded_mask, min_ratio=10, note="dict batch, lengths 3-8"),
+    Row("mask from ids, no pads", setup_padded_no_mask, min_ratio=10, note="input_ids only"),
+    Row("tied embedding+unembed", setup_tied_lm, min_ratio=10, note="C = vocabulary 97"),
+    Row("(T, N, E) attention x2", setup_seq_first, min_ratio=10, note="key padding mask"),
 ]
 
 HEADER = (
@@ -226,54 +323,83 @@ HEADER = (
 )
 
 
-def _row(row: Row) -> tuple[str, list[str]]:
-    """The printed row, and the parameters the default method sends to the generic route."""
+def _row(row: Row, interleave: bool) -> tuple[str, list[str], str]:
+    """The printed row, the parameters the default method sends to the generic route, and
+    how its points are captured when not in batched passes (with the reason)."""
     model, x = row.setup()
     params = sum(p.numel() for p in model.parameters())
-    routes = ntk_plan(model, x, mode="trace").routes()
-    generic = [name for name, route in routes.items() if route == "generic"]
-    fast = measure(row.setup, default, repeats=row.repeats, warmup=1)
-    ratio = err = slow_s = slow_mib = "-"
+    plan = ntk_plan(model, x, mode="trace")
+    generic = [name for name, route in plan.routes().items() if route == "generic"]
+    capture = "" if plan.capture == "batched" else f"{plan.capture} ({plan.capture_reason})"
+    ratio = err = slow_s = slow_mib = fast_mib = "-"
+    if interleave and row.reference:
+        both = measure(row.setup, interleaved, repeats=1, warmup=0)["result"]
+        (fast_s, fast_k), (slow_seconds, slow_k) = both["default"], both["jacobian"]
+    else:
+        fast = measure(row.setup, default, repeats=row.repeats, warmup=1)
+        fast_s, fast_k, fast_mib = fast["seconds"], fast["result"], f"{fast['peak_mib']:.0f}"
+        if row.reference:
+            slow = measure(row.setup, jacobian, repeats=1, warmup=0)
+            slow_seconds, slow_k, slow_mib = slow["seconds"], slow["result"], slow["peak_mib"]
+            slow_mib = f"{slow_mib:.0f}"
     if row.reference:
-        slow = measure(row.setup, jacobian, repeats=1, warmup=0)
-        speedup = slow["seconds"] / fast["seconds"]
-        ratio, slow_s = f"{speedup:.0f}x", f"{slow['seconds']:.2f}"
-        err = f"{relative_error(fast['result'], slow['result']):.1e}"
-        slow_mib = f"{slow['peak_mib']:.0f}"
+        speedup = slow_seconds / fast_s
+        ratio, slow_s = f"{speedup:.0f}x", f"{slow_seconds:.2f}"
+        err = f"{relative_error(fast_k, slow_k):.1e}"
     if row.min_ratio is not None:
         goal = f"ratio >= {row.min_ratio:g}x"
         met = row.reference and speedup >= row.min_ratio
     else:
         goal = f"peak < {row.max_peak_mib / 1024:g} GB"
-        met = fast["peak_mib"] < row.max_peak_mib
+        met = fast_mib != "-" and float(fast_mib) < row.max_peak_mib
     line = (
-        f"{row.name:<26}{len(x):>5} {'trace':<6}{params:>8}{fast['seconds']:>11.3f}{slow_s:>12}"
-        f"{ratio:>7}  {goal:<14}{'yes' if met else 'NO':<5}{err:>9}{fast['peak_mib']:>9.0f}"
+        f"{row.name:<26}{num_points(x):>5} {'trace':<6}{params:>8}{fast_s:>11.3f}{slow_s:>12}"
+        f"{ratio:>7}  {goal:<14}{'yes' if met else 'NO':<5}{err:>9}{fast_mib:>9}"
         f"{slow_mib:>9}  {row.note}"
     )
-    return line, generic
+    return line, generic, capture
+
+
+def _load() -> str:
+    return ", ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 def main() -> None:
+    interleave = "--interleave" in sys.argv[1:]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, trace eNTK")
-    print(
-        "default: method='auto', median of the calls after one warm-up; jacobian: "
-        "method='jacobian' (torch.func reference), one call"
-    )
+    print(f"load average (1, 5, 15 min) before: {_load()}")
+    if interleave:
+        print(
+            "default (method='auto') and jacobian (method='jacobian', the torch.func reference) "
+            f"alternately in one process per row, medians of {INTERLEAVED_REPEATS} calls each "
+            "after one warm-up call of each; peak memory not measured"
+        )
+    else:
+        print(
+            "default: method='auto', median of the calls after one warm-up; jacobian: "
+            "method='jacobian' (torch.func reference), one call"
+        )
+        print("each measurement in a fresh process")
     print("s: wall seconds; MiB: peak resident memory added above model and data")
-    print("each measurement in a fresh process; rel err: |K_default - K_jac|_F / |K_jac|_F")
+    print("rel err: |K_default - K_jac|_F / |K_jac|_F")
     print()
     print(HEADER)
-    generic = {}
+    generic, captures = {}, {}
     for row in ROWS:
-        line, names = _row(row)
+        line, names, capture = _row(row, interleave)
         print(line, flush=True)
         if names:
             generic[row.name] = names
+        if capture:
+            captures[row.name] = capture
     print()
+    print(f"load average (1, 5, 15 min) after: {_load()}")
     print(f"parameters on the generic (torch.func) route: {'none' if not generic else ''}")
     for name, names in generic.items():
         print(f"  {name}: {', '.join(names)}")
+    print(f"rows whose points are not captured in batched passes: {'none' if not captures else ''}")
+    for name, capture in captures.items():
+        print(f"  {name}: {capture}")
     print()
     model, x = setup_transformer_subset()
     print(f"ntk_plan of the raw transformer on {len(x)} points:")

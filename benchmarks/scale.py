@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from lightning_entk import Spectrum, empirical_ntk, ntk_spectrum
-from lightning_entk.kernel import ntk_context
+from lightning_entk.kernel import KernelOptions, ntk_context
 
 from _harness import measure, relative_error
 
@@ -59,7 +59,7 @@ def spectrum(model, x):
 def phases(model, x):
     """The same work as ``spectrum``, timed step by step."""
     times = {"start": time.perf_counter()}
-    with ntk_context(model, x, None, None, None, None, "auto", 256) as ctx:
+    with ntk_context(model, x, None, KernelOptions()) as ctx:
         jac = ctx.jacobian(ctx.x1)
     times["Jacobian factors (C = 10 backward passes)"] = time.perf_counter()
     kernel = jac.kernel(jac, "trace")

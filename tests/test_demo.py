@@ -21,7 +21,8 @@ def test_demo_warns_before_grokking_and_logs_a_new_cliff(tmp_path, capsys):
     events = EventAccumulator(str(log_dir), size_guidance={"images": 0, "scalars": 0})
     events.Reload()
     tags = events.Tags()
-    for key in ("val_acc", "entk/num_cliffs", "entk/sentinel/heldout_alignment", "entk/transitions"):
+    scalars = ("val_acc", "entk/num_cliffs", "entk/sentinel/heldout_alignment", "entk/transitions")
+    for key in scalars:
         assert key in tags["scalars"], key
     assert "entk/spectrum_evolution" in tags["images"]  # the summary figure, always
 

@@ -8,15 +8,19 @@ import torch
 from test_kernel import assert_relative_close
 from torch import Tensor
 from torch.func import functional_call, jacrev, vmap
+from torch.utils._pytree import tree_map
 from user_models import (
     Conv1DModel,
     EncoderClassifier,
     HFStyleClassifier,
     MHAClassifier,
+    PaddedEncoder,
     RawMLP,
     RawTransformer,
     RMSNormMLP,
+    SeqFirstEncoder,
     SharedElementwise,
+    TiedHeads,
 )
 
 from lightning_entk import empirical_ntk
@@ -67,6 +71,11 @@ def hf_points(n, seed=1):
     return {"input_ids": tokens(n, seed=seed), "attention_mask": padding_mask(n)}
 
 
+def padded_points(n, t=5, seed=1):
+    """Hugging Face's batch of padded sequences: pad ids and the mask that marks them."""
+    return {"input_ids": padded_tokens(n, t, seed=seed), "attention_mask": padding_mask(n, t)}
+
+
 # name: (model factory, x1 factory, x2 factory); x1 and x2 have different N.
 CASES = {
     "raw_mlp": (RawMLP, lambda: float_points(5), lambda: float_points(3, seed=2)),
@@ -114,7 +123,28 @@ CASES = {
         lambda: float_points(3, seed=2),
     ),
     "rmsnorm_mlp": (RMSNormMLP, lambda: float_points(6), lambda: float_points(4, seed=2)),
+    "padded_encoder": (
+        PaddedEncoder,
+        lambda: padded_tokens(5, t=5),
+        lambda: padded_tokens(3, t=5, seed=2),
+    ),
+    "padded_encoder_without_padding": (
+        PaddedEncoder,
+        lambda: tokens(5, t=5, low=1),
+        lambda: tokens(3, t=5, seed=2, low=1),
+    ),
+    "seq_first_encoder": (
+        SeqFirstEncoder,
+        lambda: padded_tokens(5, t=5),
+        lambda: padded_tokens(3, t=5, seed=2),
+    ),
+    "tied_heads": (TiedHeads, lambda: tokens(5), lambda: tokens(3, seed=2)),
     "hf_style_dict": (HFStyleClassifier, lambda: hf_points(5), lambda: hf_points(3, seed=2)),
+    "hf_style_padded_encoder": (
+        PaddedEncoder,
+        lambda: padded_points(5),
+        lambda: padded_points(3, seed=2),
+    ),
     "hf_style_tuple": (
         HFStyleClassifier,
         lambda: tuple(hf_points(5).values()),
@@ -142,6 +172,7 @@ def func_jacobian(model, points, output_fn=logits) -> Tensor:
     independent of the brute-force reference's autograd loop."""
     params = {n: p.detach() for n, p in model.named_parameters()}
     buffers = dict(model.named_buffers())
+    n = num_points(points)
 
     def f(params, xi):
         if isinstance(xi, dict):
@@ -157,6 +188,9 @@ def func_jacobian(model, points, output_fn=logits) -> Tensor:
     model.eval()
     try:
         jac = vmap(jacrev(f), in_dims=(None, 0))(params, points)
+    except RuntimeError:  # data-dependent code (a padding check) that vmap cannot run
+        per_point = [jacrev(f)(params, tree_map(lambda t, i=i: t[i], points)) for i in range(n)]
+        jac = {name: torch.stack([j[name] for j in per_point]) for name in params}
     finally:
         model.train(was_training)
     return torch.cat([jac[n].flatten(2) for n in params], dim=-1)

@@ -301,3 +301,124 @@ class HFStyleClassifier(nn.Module):
         logits = self.classifier(pooled)
         loss = None if labels is None else F.cross_entropy(logits, labels)
         return SequenceClassifierOutput(logits=logits, loss=loss, hidden_states=hidden_states)
+
+
+class PaddedEncoderLayer(nn.Module):
+    """A post-LayerNorm encoder layer as BERT writes it: one ``nn.Linear`` for q, k and v split
+    into heads (N, H, T, d), ``F.scaled_dot_product_attention`` with an additive mask, an output
+    ``nn.Linear``, a GELU MLP."""
+
+    def __init__(self, d_model: int, n_heads: int, d_ff: int):
+        super().__init__()
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.up = nn.Linear(d_model, d_ff)
+        self.down = nn.Linear(d_ff, d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+
+    def forward(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        n, t, d = x.shape
+        qkv = self.qkv(x).view(n, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        h = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=bias)
+        x = self.norm1(x + self.out(h.transpose(1, 2).reshape(n, t, d)))
+        return self.norm2(x + self.down(F.gelu(self.up(x))))
+
+
+class PaddedEncoder(nn.Module):
+    """A BERT/RoBERTa-style classifier whose attention mask is data-dependent code on the
+    token ids, as Hugging Face models build it: the mask from ``input_ids != pad_idx`` when
+    none is given, a padding check (a Python branch on the data, which ``vmap`` cannot run)
+    that leaves the mask out when no point has padding, an additive mask made with
+    ``torch.where``, RoBERTa's position ids from the mask's cumulative sum, and a tanh pooler
+    on position 0. Points: token ids, or a dict with ``input_ids`` and ``attention_mask``."""
+
+    def __init__(
+        self,
+        vocab: int = 11,
+        d_model: int = 8,
+        n_heads: int = 2,
+        d_ff: int = 16,
+        n_layers: int = 1,
+        max_len: int = 8,
+        num_classes: int = 3,
+        pad_idx: int = 0,
+    ):
+        super().__init__()
+        self.pad_idx = pad_idx
+        self.tokens = nn.Embedding(vocab, d_model, padding_idx=pad_idx)
+        self.positions = nn.Embedding(max_len + pad_idx + 1, d_model, padding_idx=pad_idx)
+        self.norm = nn.LayerNorm(d_model)
+        self.layers = nn.ModuleList(
+            PaddedEncoderLayer(d_model, n_heads, d_ff) for _ in range(n_layers)
+        )
+        self.pool = nn.Linear(d_model, d_model)
+        self.head = nn.Linear(d_model, num_classes)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        if attention_mask is None:
+            attention_mask = (input_ids != self.pad_idx).long()
+        position_ids = torch.cumsum(attention_mask, dim=1) * attention_mask + self.pad_idx
+        x = self.norm(self.tokens(input_ids) + self.positions(position_ids))
+        bias = None
+        if (attention_mask == 0).any():
+            keep = attention_mask[:, None, None, :].bool()
+            bias = torch.where(keep, x.new_zeros(()), x.new_tensor(torch.finfo(x.dtype).min))
+        for layer in self.layers:
+            x = layer(x, bias)
+        return self.head(torch.tanh(self.pool(x[:, 0])))
+
+
+class SeqFirstEncoder(nn.Module):
+    """Sequence-first attention, PyTorch's default layout: ``nn.Embedding`` plus learned
+    positions, transposed to (T, N, E) for an ``nn.TransformerEncoderLayer(batch_first=False)``
+    with a key padding mask from the pad token, whose ``nn.MultiheadAttention`` merges the
+    points after the positions (``view(T * N, E)``); a masked mean over positions into an
+    ``nn.Linear`` head."""
+
+    def __init__(
+        self,
+        vocab: int = 11,
+        d_model: int = 8,
+        nhead: int = 2,
+        dim_feedforward: int = 16,
+        num_layers: int = 1,
+        max_len: int = 8,
+        num_classes: int = 3,
+        pad_idx: int = 0,
+    ):
+        super().__init__()
+        self.pad_idx = pad_idx
+        self.embed = nn.Embedding(vocab, d_model)
+        self.pos = nn.Parameter(torch.randn(max_len, 1, d_model) * 0.1)
+        layer = nn.TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout=0.0)
+        self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d_model, num_classes)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        padding = tokens == self.pad_idx
+        x = self.embed(tokens).transpose(0, 1) + self.pos[: tokens.shape[1]]  # (T, N, E)
+        h = self.encoder(x, src_key_padding_mask=padding)
+        keep = (~padding).T.unsqueeze(-1).to(h.dtype)
+        return self.head((h * keep).sum(0) / keep.sum(0).clamp(min=1))
+
+
+class TiedHeads(nn.Module):
+    """Per-head weights used as ``V`` and as ``V^T`` in each head (a tied autoencoder per
+    head): ``W`` (H, d_head, k) maps each head's slice up with ``einsum`` and back down with the
+    same ``W`` transposed, between a token embedding and an ``nn.Linear`` head."""
+
+    def __init__(self, vocab: int = 11, heads: int = 2, d_head: int = 3, k: int = 4, classes=3):
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Embedding(vocab, heads * d_head)
+        self.W = nn.Parameter(torch.randn(heads, d_head, k) / math.sqrt(d_head))
+        self.head = nn.Linear(heads * d_head, classes)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        n, t = tokens.shape
+        x = self.embed(tokens).view(n, t, self.heads, -1)
+        up = torch.tanh(torch.einsum("nthd,hdk->nthk", x, self.W))
+        down = torch.einsum("nthk,hdk->nthd", up, self.W)
+        return self.head(torch.tanh(down.reshape(n, t, -1)).mean(1))

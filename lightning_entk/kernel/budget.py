@@ -8,8 +8,9 @@ with N; :func:`~lightning_entk.ntk_plan` counts them) and the kernel, and does t
     ``piece``          a quarter: one capture pass (output gradients of a chunk of points),
                        one block of generic Jacobian columns, one block of Gram rows over
                        all pairs of positions
-    ``column_piece``   an eighth: the Jacobian of a parameter with several layouts (a tied
-                       embedding), formed from its factors a chunk of points at a time
+    ``column_piece``   an eighth: the Jacobian of a parameter with several layouts (other
+                       than a view and its transpose), formed from its factors a chunk of
+                       points at a time
 
 The monitor gives the engine half of its budget (:meth:`engine_share`) and keeps the other
 half for an evaluation's dense kernel work (:meth:`dense_kernel_bytes`): the kernel in its

@@ -12,18 +12,28 @@ points as blocks (:mod:`~lightning_entk.kernel.factors`):
    unchanged: the modules' code, the parameters' names, shapes and dtypes, the points'
    per-point shapes and the options that change the forward pass. The first call pays for
    discovery; later calls (the monitor's repeated evaluations) do not.
-2. *Capture* (per chunk of points): ``vmap`` over points of ``jacrev`` with respect to the
-   uses' zero perturbations gives the output gradients ``g``; the same pass returns the data
-   factors. A model that ``vmap`` cannot batch (data-dependent control flow) is run one point
-   at a time.
+2. *Capture* (per chunk of points): one batched forward pass with a zero perturbation added
+   to each use's output, and backward passes batched over the outputs, give the output
+   gradients ``g``; the same pass returns the data factors. Each operation's output holds the
+   points along one dim (:class:`PointsDim`), found on a trial of a few points: the dim whose
+   size grows with the points, and, where it merges them with positions (``x.view(-1, d)``,
+   or ``nn.MultiheadAttention``'s (T, N, E) merged as ``view(T * N, E)``), the order read
+   from which entries each point's outputs reach. Whatever data-dependent code the model
+   runs (masks built from token ids, padding checks) runs on the batch as the model's author
+   wrote it. A model whose operations do not hold the points so (the route's reason is kept
+   and :func:`~lightning_entk.kernel.plan.ntk_plan` shows it) is captured by ``vmap`` over
+   points of ``jacrev``, and one that ``vmap`` cannot batch (data-dependent control flow)
+   one point at a time.
 3. *Check* (first chunk): for a random combination of outputs, the parameter gradient rebuilt
-   from the factors must equal autograd's, parameter by parameter; a parameter that fails
-   (a use the capture did not see) moves to the generic path.
-4. *Assemble*: uses of a parameter with one injective layout become a
+   from the factors must equal autograd's, parameter by parameter, on single points; a
+   batched capture that fails falls back to ``vmap``, and a parameter that fails (a use the
+   capture did not see) moves to the generic path.
+4. *Assemble* (:func:`block_route`): uses of a parameter with one injective layout become a
    :class:`~lightning_entk.kernel.factors.FactorBlock` (positions where ``g`` is zero for every
-   point and output are dropped); a parameter with several layouts (a tied embedding and
-   unembedding) becomes a column block formed from its factors; generic parameters a column
-   block formed by ``torch.func``.
+   point and output are dropped); uses through a layout ``V`` and its transpose (a tied
+   embedding and unembedding) a :class:`~lightning_entk.kernel.factors.TiedBlock`; a
+   parameter with other layouts a column block formed from its factors; generic parameters a
+   column block formed by ``torch.func``.
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import math
+import time
 import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -42,7 +53,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from lightning_entk.kernel.budget import MemoryBudget
 from lightning_entk.kernel.capture import Capture, element_indices
-from lightning_entk.kernel.factors import ColumnBlock, FactorBlock, Jacobian
+from lightning_entk.kernel.factors import ColumnBlock, FactorBlock, Jacobian, TiedBlock
 from lightning_entk.kernel.generic import generic_columns
 from lightning_entk.kernel.options import (
     KernelOptions,
@@ -214,6 +225,29 @@ class _Forward(nn.Module):
             return call_model(self.model, points)
 
 
+@dataclass(frozen=True)
+class PointsDim:
+    """Where an operation's output holds the points in a batched pass: dim ``dim`` of one
+    point's output, of size ``k``, has ``k n`` entries for ``n`` points, laid out as
+    ``(before, n, k // before)``. ``before = 1`` is point-major (the points along dim 0, or
+    merged with the positions as ``x.view(-1, d)`` does); ``before = k`` point-minor, as in
+    ``nn.MultiheadAttention``'s (T, N, E) layout merged by ``view(T * N, E)``."""
+
+    dim: int
+    before: int = 1
+
+    def batched_shape(self, shape: tuple[int, ...], n: int) -> tuple[int, ...]:
+        d = self.dim
+        return (*shape[:d], shape[d] * n, *shape[d + 1 :])
+
+    def split(self, t: Tensor, shape: tuple[int, ...], n: int) -> Tensor:
+        """``t`` (R, *batched shape) as (n, R, prod(shape)): each point's entries, in the
+        order of one point's output."""
+        d = self.dim
+        parts = t.unflatten(1 + d, (self.before, n, shape[d] // self.before))
+        return parts.movedim(2 + d, 0).reshape(n, t.shape[0], -1)
+
+
 class CaptureRoute(str, enum.Enum):
     """How the output gradients of a chunk of points are captured (:meth:`NTKContext.structure`
     picks one; a later failure falls back to the next, with the reason kept)."""
@@ -234,16 +268,20 @@ class Structure:
     generic: dict[str, str] = field(default_factory=dict)
     capture: CaptureRoute = CaptureRoute.BATCHED
     capture_reason: str = ""
-    shared: list[bool] = field(default_factory=list)  # per operation: output has no point dim
+    points: list[PointsDim | None] = field(default_factory=list)  # per operation, None: shared
     checked: bool = False  # the capture passed :meth:`NTKContext._check` already
+    trial_points: int = 0  # points of the trial that chose the capture route
+    trial_seconds: float = 0.0  # the trial's capture by that route
 
     @property
     def structured(self) -> list[str]:
         return list(dict.fromkeys(u.param for u in self.uses))
 
     def fall_back(self, route: CaptureRoute, reason: str) -> None:
-        """Capture by ``route`` from now on, because of ``reason``."""
-        self.capture, self.capture_reason = route, reason
+        """Capture by ``route`` from now on, because of ``reason`` (kept after the reasons of
+        earlier fallbacks)."""
+        self.capture = route
+        self.capture_reason = "; ".join(r for r in (self.capture_reason, reason) if r)
 
 
 @dataclass
@@ -394,31 +432,42 @@ class NTKContext:
         """How points are captured, from a trial on a few points: batched when the model is
         batch-aligned (:meth:`_batch_aligned`) and a batched pass passes :meth:`_check`, else
         under ``vmap``, else (``vmap`` cannot batch the model) one point at a time."""
+        found.trial_points = num_points(sample)
         aligned = self._batch_aligned(found, sample)
         if aligned is True:
-            found.fall_back(CaptureRoute.BATCHED, "")
             watched = {n: self.params[n] for n in found.structured}
             try:
+                start = time.perf_counter()
                 grads, factors = self._batched_chunk(found, watched, sample)
+                found.trial_seconds = time.perf_counter() - start
                 if not self._check(found.uses, _use_factors(found.uses, grads, factors), sample):
                     found.checked = True  # on the points the first chunk starts with
                     return
                 aligned = "a batched pass did not match autograd on single points"
             except RuntimeError as err:  # a shared output that cannot take a point dim
-                aligned = f"a batched pass failed: {err}"
+                aligned = f"a batched pass failed: {_brief(err)}"
         found.fall_back(CaptureRoute.VMAP, aligned)
+        start = time.perf_counter()
         self._captured_chunk(found, sample)  # falls to one point at a time if vmap cannot
+        if found.capture != CaptureRoute.VMAP:  # timed again, by the route taken alone
+            start = time.perf_counter()
+            self._captured_chunk(found, sample)
+        found.trial_seconds = time.perf_counter() - start
 
     def _batch_aligned(self, found: Structure, x: Points) -> bool | str:
-        """Whether every use's output has the points along dim 0 (alone, or merged point-major
-        with positions, as ``x.view(-1, d)`` does) or is shared by all points (a positional
-        table looked up without a batch dim), as in most models: then a chunk of points is
-        captured in one batched pass, each point's positions in its own slice, a shared output
-        perturbed per point by broadcasting (checked in :meth:`_check`; a model that fails
-        it is captured under ``vmap``). Else, why not."""
+        """Whether each operation's output holds the points along one dim (alone, or merged
+        with positions, before or after them: :class:`PointsDim`) or is shared by all points
+        (a positional table looked up without a batch dim), as in most models: then a chunk of
+        points is captured in one batched pass, whatever data-dependent code (masks built
+        from the tokens, padding checks) the model runs, each point's positions read from its
+        own slice, a shared output perturbed per point by broadcasting (checked in
+        :meth:`_check`; a model that fails it is captured under ``vmap``). Else, why not.
+
+        The dim is the one whose size grows with the points; when it merges the points with
+        other entries, their order is read from which entries each point's outputs depend on."""
         n = num_points(x)
-        if n == 1:
-            found.shared = [False] * len(found.z_shapes)
+        if n == 1:  # one point: any layout reads it
+            found.points = [PointsDim(0)] * len(found.z_shapes)
             return True
         capture = self._capture(found.structured)
         try:
@@ -428,12 +477,44 @@ class NTKContext:
             return f"a pass over several points failed: {err}"
         if len(capture.z_shapes) != len(found.z_shapes):
             return "the operations on several points differ from those on one"
-        pairs = list(zip(found.z_shapes, capture.z_shapes, strict=True))
-        found.shared = [many == one for one, many in pairs]
-        aligned = all(
-            many == one or (len(one) > 0 and many == (n * one[0], *one[1:])) for one, many in pairs
+        candidates = []
+        for one, many in zip(found.z_shapes, capture.z_shapes, strict=True):
+            if many == one:
+                candidates.append([None])
+                continue
+            same_rank = len(one) == len(many)
+            grown = [d for d in range(len(one)) if one[d] != many[d]] if same_rank else []
+            if len(grown) != 1 or many[grown[0]] != n * one[grown[0]]:
+                return "an operation mixes the points with other dims"
+            k = one[grown[0]]
+            befores = dict.fromkeys([1, k, *(b for b in range(2, k) if k % b == 0)])
+            candidates.append([PointsDim(grown[0], b) for b in befores])
+        found.points = [options[0] for options in candidates]
+        ambiguous = [z for z, options in enumerate(candidates) if len(options) > 1]
+        if ambiguous:
+            support = self._point_support(found, x, ambiguous)
+            for z, grad in zip(ambiguous, support, strict=True):
+                fits = [p for p in candidates[z] if _reads_points(p, grad, found.z_shapes[z])]
+                if not fits:
+                    return "an operation mixes the points with other dims"
+                found.points[z] = fits[0]
+        return True
+
+    def _point_support(self, found: Structure, x: Points, ops: list[int]) -> list[Tensor]:
+        """For each operation of ``ops``, the gradient of a fixed random combination of each
+        point's outputs with respect to the operation's output: (n, *batched shape)."""
+        n = num_points(x)
+        watched = {name: self.params[name] for name in found.structured}
+        like = next(iter(watched.values()))
+        zs = tuple(
+            like.new_zeros(_batched_shape(s, p, n)).requires_grad_()
+            for s, p in zip(found.z_shapes, found.points, strict=True)
         )
-        return aligned or "an operation mixes the points with other dims"
+        generator = torch.Generator(device="cpu").manual_seed(0)
+        with torch.enable_grad():
+            out = self.forward(self.params, x, self._capture(watched, zs))
+            v = torch.randn(out.shape[1], generator=generator, dtype=out.dtype).to(out.device)
+            return output_gradients((out @ v)[None], [zs[z] for z in ops])
 
     def _drop_from_structure(self, names: dict[str, str]) -> None:
         """Move parameters to the generic path after the check."""
@@ -449,11 +530,14 @@ class NTKContext:
         watched = {n: self.params[n] for n in structure.structured}
         n = num_points(chunk)
         like = self.params[structure.uses[0].param]
+        if structure.capture == CaptureRoute.BATCHED and n > 1 and structure.trial_points < 2:
+            # Discovered on one point, which cannot tell where the points go: a new trial.
+            self._choose_capture(structure, take(chunk, slice(0, min(3, n))))
         if structure.capture == CaptureRoute.BATCHED:
             try:
                 return self._batched_chunk(structure, watched, chunk)
             except RuntimeError as err:  # a shared output that cannot take a point dim
-                structure.fall_back(CaptureRoute.VMAP, f"a batched pass failed: {err}")
+                structure.fall_back(CaptureRoute.VMAP, f"a batched pass failed: {_brief(err)}")
 
         def per_point(zs: tuple, point: Points) -> tuple[Tensor, tuple]:
             capture = self._capture(watched, zs)
@@ -468,7 +552,9 @@ class NTKContext:
                     grads, factors = vmap(differentiate)(zs, chunk)
                 return list(grads), list(factors)
             except RuntimeError as err:  # data-dependent control flow, or an op vmap cannot batch
-                structure.fall_back(CaptureRoute.PER_POINT, f"vmap could not batch it: {err}")
+                structure.fall_back(
+                    CaptureRoute.PER_POINT, f"vmap could not batch it: {_brief(err)}"
+                )
         zs = tuple(like.new_zeros(*s) for s in structure.z_shapes)
         results = [differentiate(zs, take(chunk, i)) for i in range(n)]
         grads = [torch.stack(g) for g in zip(*(r[0] for r in results), strict=True)]
@@ -480,20 +566,34 @@ class NTKContext:
         n = num_points(chunk)
         like = next(iter(watched.values()))
         zs = tuple(
-            like.new_zeros(*_batched_shape(s, shared, n)).requires_grad_()
-            for s, shared in zip(structure.z_shapes, structure.shared, strict=True)
+            like.new_zeros(*_batched_shape(s, p, n)).requires_grad_()
+            for s, p in zip(structure.z_shapes, structure.points, strict=True)
         )
         capture = self._capture(watched, zs)
         with torch.enable_grad():
             out = self.forward(self.params, chunk, capture)
             grads = output_gradients(out, list(zs))
-        grads = [g.reshape(g.shape[0], n, -1).transpose(0, 1) for g in grads]
-        shared = [structure.shared[u.z] for u in structure.uses if u.kind != "ones"]
-        factors = [
-            f.detach().expand(n, *f.shape) if s else f.detach().reshape(n, -1, *f.shape[1:])
-            for f, s in zip(capture.factors, shared, strict=True)
+        if len(capture.uses) != len(structure.uses):
+            raise RuntimeError("the operations of a batched pass differ from those of discovery")
+        grads = [
+            _split_points(g, s, p, n)
+            for g, s, p in zip(grads, structure.z_shapes, structure.points, strict=True)
         ]
-        return grads, factors
+        factors = iter(capture.factors)
+        per_point = []
+        for one, many in zip(structure.uses, capture.uses, strict=True):
+            if one.kind == "ones":
+                continue
+            factor = next(factors).detach()
+            points = structure.points[one.z]
+            if points is None:  # a shared output: the same factor for every point
+                per_point.append(factor.expand(n, *factor.shape))
+            elif _point_major(one, points, structure.z_shapes[one.z]):
+                per_point.append(factor.reshape(n, -1, *factor.shape[1:]))
+            else:
+                shape = structure.z_shapes[one.z]
+                per_point.append(factor[_position_order(one, many, shape, points, n)])
+        return grads, per_point
 
     def jacobian(self, x: Points) -> Jacobian:
         """The Jacobian on all points ``x`` as blocks (see the module docstring)."""
@@ -509,7 +609,7 @@ class NTKContext:
             c = self.num_outputs()
         blocks, owners = self._assemble(uses, parts, n, c)
         for block in blocks:  # the capture's share of the budget, free again by now
-            if isinstance(block, FactorBlock):
+            if isinstance(block, FactorBlock | TiedBlock):
                 block.scratch_bytes = self.budget.piece
         group = self.group_of or dict.fromkeys(self.names, "")
         generic = [m for m in self.names if m in structure.generic]
@@ -613,20 +713,18 @@ class NTKContext:
     # Assembly.
 
     def _assemble(self, uses: list[Use], parts, n: int, c: int) -> tuple[list, list[str]]:
-        """Blocks, and the first parameter of each. Parameters used once each in one operation
-        with the same outputs (a weight and its bias) share one block: one output Gram."""
+        """Blocks, and the first parameter of each, by :func:`block_route`. Parameters used
+        once each in one operation with the same outputs (a weight and its bias) share one
+        block: one output Gram."""
         by_param: dict[str, list[int]] = {}
         for i, use in enumerate(uses):
             by_param.setdefault(use.param, []).append(i)
-        injective = {
-            name: bool(torch.bincount(uses[idx[0]].layout.reshape(-1)).max() <= 1)
-            for name, idx in by_param.items()
-        }  # no entry twice
+        route = {name: block_route([uses[i] for i in idx]) for name, idx in by_param.items()}
         group = self.group_of or {}
         sharing: dict[tuple, list[str]] = {}
         for name, idx in by_param.items():
             use = uses[idx[0]]
-            if len(idx) == 1 and use.kind != "tokens" and injective[name]:
+            if len(idx) == 1 and use.kind != "tokens" and route[name] == "structured":
                 key = (use.z, use.out_perm, use.heads, use.outputs, use.scale, group.get(name))
                 sharing.setdefault(key, []).append(name)
         shared_with = {name: names for names in sharing.values() for name in names}
@@ -636,37 +734,131 @@ class NTKContext:
                 continue
             owners.append(name)
             names = shared_with.get(name, [name])
+            mine, factors = [uses[i] for i in idx], [parts[i] for i in idx]
             if len(names) > 1:
                 chosen = [by_param[m][0] for m in names]
                 blocks.append(_factor_block([uses[i] for i in chosen], [parts[i] for i in chosen]))
                 done.update(names)
-            elif _same_layout([uses[i] for i in idx]) and injective[name]:
-                blocks.append(_factor_block([uses[i] for i in idx], [parts[i] for i in idx]))
-            else:
-                columns = _columns_from_factors(
-                    [uses[i] for i in idx], [parts[i] for i in idx], n, c, self.budget.column_piece
+            elif route[name] == "structured":
+                blocks.append(_factor_block(mine, factors))
+            elif route[name] == "tied":
+                flipped = transposed_uses(mine)
+                straight, transposed = (
+                    _factor_block(
+                        [u for u, f in zip(mine, flipped, strict=True) if f == side],
+                        [p for p, f in zip(factors, flipped, strict=True) if f == side],
+                    )
+                    for side in (False, True)
                 )
+                blocks.append(TiedBlock(straight, transposed))
+            else:
+                columns = _columns_from_factors(mine, factors, n, c, self.budget.column_piece)
                 blocks.append(self._column_block(columns, self.params[name].numel(), n, c))
         return blocks, owners
 
 
-def _batched_shape(shape: tuple[int, ...], shared: bool, n: int) -> tuple[int, ...]:
-    """The shape of an operation's perturbation for ``n`` points in one batched pass: its
-    points along dim 0, merged point-major with the first dim, or, for an output shared by all
-    points, a points dim in place of a leading 1 (or in front), as broadcasting would put it."""
-    if not shared:
-        return (n * shape[0], *shape[1:])
+def block_route(uses: list[Use]) -> str:
+    """How the uses of one parameter become a block of the Jacobian: ``"structured"`` (one
+    layout, no entry twice: a :class:`~lightning_entk.kernel.factors.FactorBlock`), ``"tied"``
+    (such a layout ``V`` and its transpose ``V^T``: a
+    :class:`~lightning_entk.kernel.factors.TiedBlock`) or ``"columns"`` (any other set of
+    layouts: Jacobian columns formed from the factors)."""
+    if torch.bincount(uses[0].layout.reshape(-1)).max() > 1:  # an entry used twice in a view
+        return "columns"
+    flipped = transposed_uses(uses)
+    if flipped is None:
+        return "columns"
+    return "tied" if any(flipped) else "structured"
+
+
+def transposed_uses(uses: list[Use]) -> list[bool] | None:
+    """Per use, whether its layout is the first use's ``V`` (False) or ``V^T`` per head (True);
+    ``None`` when some use has another layout."""
+    first = uses[0].layout
+    flipped = []
+    for use in uses:
+        for candidate, is_flipped in ((first, False), (first.transpose(1, 2), True)):
+            if use.layout.shape == candidate.shape and torch.equal(use.layout, candidate):
+                flipped.append(is_flipped)
+                break
+        else:
+            return None
+    return flipped
+
+
+def _brief(err: Exception) -> str:
+    """An error's first sentence, for a fallback's reason."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return first.split(". ")[0]
+
+
+def _batched_shape(shape: tuple[int, ...], points: PointsDim | None, n: int) -> tuple[int, ...]:
+    """The shape of an operation's perturbation for ``n`` points in one batched pass: as
+    ``points`` says, or, for an output shared by all points, a points dim in place of a
+    leading 1 (or in front), as broadcasting would put it."""
+    if points is not None:
+        return points.batched_shape(shape, n)
     return (n, *shape[1:]) if shape[:1] == (1,) else (n, *shape)
+
+
+def _split_points(t: Tensor, shape: tuple[int, ...], points: PointsDim | None, n: int) -> Tensor:
+    """``t`` (R, *batched shape) as (n, R, prod(shape)) (see :meth:`PointsDim.split`)."""
+    if points is None:
+        return t.reshape(t.shape[0], n, -1).transpose(0, 1)
+    return points.split(t, shape, n)
+
+
+def _reads_points(points: PointsDim, grad: Tensor, shape: tuple[int, ...]) -> bool:
+    """Whether, read with ``points``, the gradients ``grad`` (n, *batched shape) of each
+    point's outputs fall on that point's own entries only (up to round-off). Gradients that
+    are zero everywhere say nothing, and any reading fits them."""
+    n = grad.shape[0]
+    by_point = points.split(grad.abs(), shape, n).sum(dim=2)  # (entries' point, output's point)
+    total = by_point.sum()
+    return bool(total - by_point.diagonal().sum() <= 64 * torch.finfo(grad.dtype).eps * total)
+
+
+def _point_major(use: Use, points: PointsDim, shape: tuple[int, ...]) -> bool:
+    """Whether the use's positions in a batched pass are its points', one after the other:
+    the points lead their dim and no position dim comes before it."""
+    if points.before != 1:
+        return False
+    if points.dim == 0:
+        return True
+    positions = use.out_perm[: use.position_dims]
+    return use.out_shape == shape and all(d > points.dim for d in positions if d != points.dim)
+
+
+def _position_order(
+    one: Use, many: Use, shape: tuple[int, ...], points: PointsDim, n: int
+) -> Tensor:
+    """(n, T): for each point, the index of each of its positions (in the order of one point's
+    use ``one``, whose operation's output has ``shape``) among the positions of the batched
+    pass's use ``many``."""
+    size = math.prod(many.out_shape)
+    entries = torch.arange(size, device=many.layout.device)
+    batched = entries.reshape(1, *points.batched_shape(shape, n))
+    mine = points.split(batched, shape, n)[:, 0]  # (n, one point's entries)
+    mine = _first_entry_of_positions(mine.reshape(n, *one.out_shape), one)
+    theirs = _first_entry_of_positions(entries.reshape(1, *many.out_shape), many)[0]
+    where = torch.full((size,), -1, dtype=torch.long, device=entries.device)
+    where[theirs] = torch.arange(len(theirs), device=entries.device)
+    order = where[mine]
+    if (order < 0).any():
+        raise RuntimeError("a use's positions do not follow its output's points")
+    return order
+
+
+def _first_entry_of_positions(entries: Tensor, use: Use) -> Tensor:
+    """(n, T): of ``entries`` (n, *out_shape), the entry at each position's first head and
+    output, positions in the use's order."""
+    order = [1 + d for d in use.out_perm]
+    return entries.permute(0, *order).reshape(entries.shape[0], use.positions, -1)[:, :, 0]
 
 
 def _empty_like(t: Tensor | None, n: int) -> Tensor | None:
     """An uninitialised array like ``t`` with ``n`` points along dim 0."""
     return None if t is None else t.new_empty(n, *t.shape[1:])
-
-
-def _same_layout(uses: list[Use]) -> bool:
-    first = uses[0].layout
-    return all(u.layout.shape == first.shape and torch.equal(u.layout, first) for u in uses)
 
 
 def _use_factors(uses: list[Use], grads: list[Tensor], factors: list[Tensor]):

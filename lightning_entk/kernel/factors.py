@@ -12,9 +12,11 @@ all pairs of uses) of the product of two Grams::
     K[n, m, i, j] = sum_{h, t, s} (a[n, t, h] . a'[m, s, h]) (g[n, t, i, h] . g'[m, s, j, h])
 
 or, when that is cheaper, the per-example Jacobians are formed and contracted. A
-:class:`ColumnBlock` is a parameter whose Jacobian is formed column range by column range
-(from the factors of uses with different layouts, or by ``torch.func`` for a parameter no rule
-covers), so that its memory stays within a budget whatever N, C and P are.
+:class:`TiedBlock` holds a parameter used through a layout and through its transpose (a tied
+embedding and unembedding) as two factor blocks, its kernel their own plus cross terms of the
+same form. A :class:`ColumnBlock` is a parameter whose Jacobian is formed column range by
+column range (from the factors of uses with other sets of layouts, or by ``torch.func`` for a
+parameter no rule covers), so that its memory stays within a budget whatever N, C and P are.
 """
 
 from __future__ import annotations
@@ -103,6 +105,30 @@ def contract(j1: Tensor, j2: Tensor, mode: str, symmetric: bool) -> Tensor:
     return k.reshape(n1, c, n2, c).transpose(1, 2)
 
 
+def in_row_blocks(block, other, mode: str, per_point: int) -> Tensor:
+    """``block._kernel(other, mode)``, formed for blocks of ``block``'s points at a time when
+    all at once would pass ``block.scratch_bytes`` (``per_point`` bytes per point); against the
+    points from the block's own on, mirrored, when ``other`` is ``block``."""
+    n1, n2 = block.num_points, other.num_points
+    rows = n1 if block.scratch_bytes is None else max(1, block.scratch_bytes // max(per_point, 1))
+    if rows >= n1:
+        return block._kernel(other, mode)
+    symmetric = other is block
+    out = None
+    for lo in range(0, n1, rows):
+        hi = min(lo + rows, n1)
+        part = block.points(lo, hi)._kernel(block.points(lo, n1) if symmetric else other, mode)
+        if out is None:
+            out = part.new_empty(n1, n2, *part.shape[2:])
+        if symmetric:  # K[m, n] = K[n, m], the outputs' pair swapped in full mode
+            mirrored = part[:, hi - lo :].transpose(0, 1)
+            out[lo:hi, lo:] = part
+            out[hi:, lo:hi] = mirrored.transpose(-1, -2) if mode == "full" else mirrored
+        else:
+            out[lo:hi] = part
+    return out
+
+
 @dataclass
 class FactorBlock:
     """Uses of one parameter with one layout, as factors (see the module docstring)."""
@@ -118,6 +144,10 @@ class FactorBlock:
         """Parameters in the block, H B A."""
         return self.g.shape[3] * self.g.shape[4] * self.inputs
 
+    @property
+    def num_points(self) -> int:
+        return self.g.shape[0]
+
     def _a(self) -> Tensor:
         """``a`` as a dense (N, T, H, A) array (ones for a shift, one-hot for tokens)."""
         if self.a is not None:
@@ -128,6 +158,18 @@ class FactorBlock:
         onehot = self.g.new_zeros(n, t, self.inputs + 1)
         onehot.scatter_(2, torch.where(self.tokens < 0, self.inputs, self.tokens)[..., None], 1)
         return onehot[..., None, : self.inputs]
+
+    def inputs_against(self, rows: Tensor) -> Tensor:
+        """(H, R, N T): ``rows`` (H, R, A) dotted with the inputs at every point and position
+        (a gather for tokens)."""
+        n, t, _, h, _ = self.g.shape
+        if self.tokens is not None:
+            index = torch.where(self.tokens < 0, self.inputs, self.tokens).reshape(-1)
+            padded = torch.cat([rows, rows.new_zeros(*rows.shape[:2], 1)], dim=2)
+            return padded.index_select(2, index)
+        if self.a is None:
+            return rows.expand(-1, -1, n * t)
+        return torch.bmm(rows, self.a.reshape(n * t, h, -1).permute(1, 2, 0))
 
     def _input_gram(self, other: FactorBlock) -> Tensor:
         """(H, N1 T1, N2 T2) Gram of the inputs, per head."""
@@ -159,13 +201,27 @@ class FactorBlock:
 
     def materialized(self) -> Tensor:
         """Per-example Jacobians (N, C, P_b), in the (H, B, A) order of the layout."""
-        n, _, c, h, b = self.g.shape
+        n, _, c = self.g.shape[:3]
+        out = self.g.new_zeros(n, c, self.size)
+        self.add_into(out)
+        return out
+
+    def add_into(self, out: Tensor, transposed: bool = False) -> None:
+        """Add the per-example Jacobians to ``out`` (N, C, P_b), a view whose last dim is
+        contiguous, in the (H, B, A) order of the layout, or in (H, A, B) order when
+        ``transposed``."""
+        n, t, c, h, b = self.g.shape
+        out = out.unflatten(2, (h, self.inputs, b) if transposed else (h, b, self.inputs))
+        out = out.transpose(-1, -2) if transposed else out  # (N, C, H, B, A) either way
         if self.tokens is not None:
             jac = self.g.new_zeros(n, self.inputs + 1, c, h, b)
             index = torch.where(self.tokens < 0, self.inputs, self.tokens)
             jac.scatter_add_(1, index[..., None, None, None].expand_as(self.g), self.g)
-            return jac[:, : self.inputs].permute(0, 2, 3, 4, 1).reshape(n, c, -1)
-        return torch.einsum("ntchb,ntha->nchba", self.g, self._a()).reshape(n, c, -1)
+            out.add_(jac[:, : self.inputs].permute(0, 2, 3, 4, 1))
+        elif t == 1:  # an outer product per point and output: no temporary
+            out.addcmul_(self.g[:, 0, ..., None], self._a()[:, 0, None, :, None, :])
+        else:
+            out.add_(torch.einsum("ntchb,ntha->nchba", self.g, self._a()))
 
     def points(self, lo: int, hi: int) -> FactorBlock:
         """The block restricted to points ``lo:hi`` (views, no copy)."""
@@ -180,27 +236,16 @@ class FactorBlock:
         or ``diagonal`` (N1, N2, C) layout. When the Grams over all pairs of positions would
         pass ``scratch_bytes``, they are formed for blocks of this block's points at a time
         (against the points from the block's own on, mirrored, when ``other`` is ``self``)."""
-        n1, t1, c, h, _ = self.g.shape
+        if self._materialize_cheaper(other, mode):
+            return self._kernel(other, mode)
+        return in_row_blocks(self, other, mode, self._scratch_per_point(other, mode))
+
+    def _scratch_per_point(self, other: FactorBlock, mode: str) -> int:
+        """Bytes of the Grams of :meth:`_kernel` per point of this block."""
+        _, t1, c, h, _ = self.g.shape
         n2, t2 = other.g.shape[:2]
         paired = {"trace": 1, "diagonal": c}.get(mode, c * c)
-        per_point = h * t1 * n2 * t2 * (2 + paired) * self.g.element_size()
-        rows = n1 if self.scratch_bytes is None else max(1, self.scratch_bytes // per_point)
-        if rows >= n1 or self._materialize_cheaper(other, mode):
-            return self._kernel(other, mode)
-        symmetric = other is self
-        out = None
-        for lo in range(0, n1, rows):
-            hi = min(lo + rows, n1)
-            part = self.points(lo, hi)._kernel(self.points(lo, n1) if symmetric else other, mode)
-            if out is None:
-                out = part.new_empty(n1, n2, *part.shape[2:])
-            if symmetric:  # K[m, n] = K[n, m], the outputs' pair swapped in full mode
-                mirrored = part[:, hi - lo :].transpose(0, 1)
-                out[lo:hi, lo:] = part
-                out[hi:, lo:hi] = mirrored.transpose(-1, -2) if mode == "full" else mirrored
-            else:
-                out[lo:hi] = part
-        return out
+        return h * t1 * n2 * t2 * (2 + paired) * self.g.element_size()
 
     def _kernel(self, other: FactorBlock, mode: str) -> Tensor:
         symmetric = other is self
@@ -313,6 +358,10 @@ class ColumnBlock:
     def materialized(self) -> Tensor:
         return self._part(0, self.size)
 
+    def add_into(self, out: Tensor) -> None:
+        for lo, hi in self._ranges():
+            out[:, :, lo:hi] += self._part(lo, hi)
+
     def output_slice(self, lo: int, hi: int) -> ColumnBlock:
         start = 0 if self.output_range is None else self.output_range[0]
         return ColumnBlock(
@@ -335,7 +384,168 @@ class ColumnBlock:
         return total
 
 
-Block = FactorBlock | ColumnBlock
+def tied_flops(
+    n1: int,
+    n2: int,
+    t1: tuple[int, int],
+    t2: tuple[int, int],
+    heads: int,
+    across: tuple[int, int],
+    size: int,
+    c: int,
+    mode: str,
+) -> tuple[float, float]:
+    """Flops of a :class:`TiedBlock`'s share from factors, and from per-example Jacobians.
+
+    ``t1``, ``t2``: positions of the uses of ``V`` and of ``V^T`` on each side; ``across``: the
+    lengths that dot products run over along ``V``'s outputs B and inputs A (1 for one-hot
+    tokens, a gather). From factors: each kind of use's own Grams, and two cross terms, each
+    a Gram of output gradients against inputs on both sides of the transpose and their product
+    summed over all pairs of positions.
+    """
+    b, a = across
+    paired = c * c if mode in ("full", "flatten") else c
+    own = gram_flops(n1, n2, t1[0], t2[0], heads, a, b, c, mode)
+    own += gram_flops(n1, n2, t1[1], t2[1], heads, b, a, c, mode)
+    pairs = t1[0] * t2[1] + t1[1] * t2[0]
+    cross = 2.0 * n1 * n2 * heads * pairs * (c * (a + b) + paired)
+    return own + cross, dense_flops(n1, n2, sum(t1), sum(t2), size, c, mode)
+
+
+@dataclass
+class TiedBlock:
+    """Uses of one parameter through a view ``V`` (H, B, A) and through its transpose
+    (H, A, B): a tied embedding ``W[ids]`` and unembedding ``h @ W.T``, or ``W`` and ``W.T`` in
+    Toy Models of Superposition. ``straight`` holds the uses of ``V`` and ``transposed`` those of
+    ``V^T``, each in its own orientation, so that in ``V``'s order
+
+        J[n, c, h] = sum_t g[n, t, c, h] (x) a[n, t, h]  +  (sum_s g~[n, s, c, h] (x) a~[n, s, h])^T
+
+    and the kernel is the two blocks' own kernels plus the cross terms, per pair of points
+    a sum over all pairs of positions of a product of two Grams, each of one side's output
+    gradients against the other side's inputs::
+
+        K~[n, m, i, j] = sum_{h, t, s} (g[n, t, i, h] . a~'[m, s, h]) (a[n, t, h] . g~'[m, s, j, h])
+
+    (and the same with the sides swapped). No Jacobian of size ``N C P`` is formed unless that
+    is cheaper (small parameters, many positions).
+    """
+
+    straight: FactorBlock
+    transposed: FactorBlock
+    scratch_bytes: int | None = None  # bound on the temporaries of :meth:`kernel`
+
+    @property
+    def size(self) -> int:
+        return self.straight.size
+
+    @property
+    def num_points(self) -> int:
+        return self.straight.num_points
+
+    def _shape(self) -> tuple[int, int, int]:
+        """(H, B, A) of ``V``."""
+        h, b = self.straight.g.shape[3:]
+        return h, b, self.straight.inputs
+
+    def _flops(self, other: TiedBlock, mode: str) -> tuple[float, float]:
+        """Flops of the kernel from factors, and from per-example Jacobians."""
+        (n1, t1, c, h, b), a = self.straight.g.shape, self.straight.inputs
+        n2, t2 = other.straight.g.shape[:2]
+        u1, u2 = self.transposed.g.shape[1], other.transposed.g.shape[1]
+        across = (1 if self.transposed.tokens is not None else b,
+                  1 if self.straight.tokens is not None else a)  # fmt: skip
+        return tied_flops(n1, n2, (t1, u1), (t2, u2), h, across, self.size, c, mode)
+
+    def _materialize_cheaper(self, other: TiedBlock, mode: str) -> bool:
+        factors, dense = self._flops(other, mode)
+        c = self.straight.g.shape[2]
+        fits = (self.num_points + other.num_points) * c * self.size <= 2**27
+        return fits and dense < factors
+
+    def kernel(self, other: TiedBlock, mode: str) -> Tensor:
+        """This block's share of the kernel, in ``full``, ``trace`` or ``diagonal`` layout (see
+        :meth:`FactorBlock.kernel`, whose bound on temporaries it keeps)."""
+        if self._materialize_cheaper(other, mode):
+            return self._kernel(other, mode)
+        (_, t1, c, h, _), u1 = self.straight.g.shape, self.transposed.g.shape[1]
+        n2, t2 = other.straight.g.shape[:2]
+        u2 = other.transposed.g.shape[1]
+        paired = {"trace": 1, "diagonal": c}.get(mode, c * c)
+        positions = max(t1 * t2, u1 * u2, t1 * u2, u1 * t2)
+        per_point = h * positions * n2 * (3 * c + paired) * self.straight.g.element_size()
+        return in_row_blocks(self, other, mode, per_point)
+
+    def _kernel(self, other: TiedBlock, mode: str) -> Tensor:
+        symmetric = other is self
+        if self._materialize_cheaper(other, mode):
+            mine = self.materialized()
+            return contract(mine, mine if symmetric else other.materialized(), mode, symmetric)
+        k = self.straight._kernel(other.straight, mode)
+        k += self.transposed._kernel(other.transposed, mode)
+        cross = _cross_term(self.straight, other.transposed, mode)
+        if symmetric:  # the mirror term is this one with the points (and outputs) swapped
+            mirrored = cross.transpose(0, 1)
+            k += cross + (mirrored.transpose(-1, -2) if mode == "full" else mirrored)
+        else:
+            k += cross + _cross_term(self.transposed, other.straight, mode)
+        return k
+
+    def points(self, lo: int, hi: int) -> TiedBlock:
+        return TiedBlock(self.straight.points(lo, hi), self.transposed.points(lo, hi))
+
+    def output_slice(self, lo: int, hi: int) -> TiedBlock:
+        return TiedBlock(self.straight.output_slice(lo, hi), self.transposed.output_slice(lo, hi))
+
+    def _to_straight(self, t: Tensor) -> Tensor:
+        """Entries in the transposed uses' (H, A, B) order, last dim, put in ``V``'s order."""
+        h, b, a = self._shape()
+        return t.unflatten(-1, (h, a, b)).transpose(-1, -2).flatten(-3)
+
+    def _to_transposed(self, t: Tensor) -> Tensor:
+        h, b, a = self._shape()
+        return t.unflatten(-1, (h, b, a)).transpose(-1, -2).flatten(-3)
+
+    def materialized(self) -> Tensor:
+        """Per-example Jacobians (N, C, H B A), in the (H, B, A) order of ``V``."""
+        c = self.straight.g.shape[2]
+        out = self.straight.g.new_zeros(self.num_points, c, self.size)
+        self.add_into(out)
+        return out
+
+    def add_into(self, out: Tensor) -> None:
+        """Add the per-example Jacobians to ``out`` (N, C, H B A), a view whose last dim is
+        contiguous."""
+        self.straight.add_into(out)
+        self.transposed.add_into(out, transposed=True)
+
+    def vjp(self, v: Tensor, per_output: bool) -> Tensor:
+        mine = self.straight.vjp(v, per_output)
+        return mine + self._to_straight(self.transposed.vjp(v, per_output))
+
+    def jvp(self, u: Tensor, per_output: bool) -> Tensor:
+        mine = self.straight.jvp(u, per_output)
+        return mine + self.transposed.jvp(self._to_transposed(u), per_output)
+
+
+def _cross_term(p: FactorBlock, q: FactorBlock, mode: str) -> Tensor:
+    """``sum_{h, t, s} (p.g[n, t, i] . q.a[m, s]) (p.a[n, t] . q.g[m, s, j])`` in the layout of
+    ``mode``: the inner product of the Jacobians of two blocks whose layouts are each other's
+    transposes (see :class:`TiedBlock`)."""
+    n1, t1, c, h, _ = p.g.shape
+    n2, t2 = q.g.shape[:2]
+    # (H, N1 T1 C, N2 T2): p's output gradients against q's inputs, and the same the other way
+    left = q.inputs_against(p.g.permute(3, 0, 1, 2, 4).reshape(h, n1 * t1 * c, -1))
+    right = p.inputs_against(q.g.permute(3, 0, 1, 2, 4).reshape(h, n2 * t2 * c, -1))
+    left = left.reshape(h, n1, t1, c, n2, t2)
+    right = right.reshape(h, n2, t2, c, n1, t1).permute(0, 4, 5, 3, 1, 2)  # as ``left``
+    if mode == "full":
+        return torch.einsum("hntims,hntjms->nmij", left, right)
+    both = (left * right).sum(dim=(0, 2, 5))  # (N1, C, N2)
+    return both.sum(1) if mode == "trace" else both.transpose(1, 2)
+
+
+Block = FactorBlock | ColumnBlock | TiedBlock
 
 
 @dataclass
@@ -401,13 +611,13 @@ class Jacobian:
 
     def materialized(self) -> Tensor:
         """All per-example Jacobians, (N, C, P), written block by block into one array."""
-        full = torch.empty(
+        full = torch.zeros(
             self.num_points, self.num_outputs, self.num_parameters, dtype=self.dtype,
             device=self.device,
         )  # fmt: skip
         start = 0
         for block in self.blocks:
-            full[:, :, start : start + block.size] = block.materialized()
+            block.add_into(full[:, :, start : start + block.size])
             start += block.size
         return full
 

@@ -34,9 +34,12 @@ class NTKMethod(str, enum.Enum):
     For a use ``y = V x`` the share of the kernel is ``(a a'^T) * (g g'^T)`` with ``g`` the
     gradient of each output with respect to ``y`` (Novak et al. 2022, "Fast Finite Width
     Neural Tangent Kernel", arXiv:2206.08720, section 4; "structured derivatives"), summed
-    over all pairs of positions and uses. Costs ``N C`` backward passes (batched) plus Gram
-    products of layer widths; no Jacobian of size ``N C P`` is stored. A parameter that no rule
-    covers, and only that parameter, goes through the generic path of ``JACOBIAN``.
+    over all pairs of positions and uses (for a tied embedding and unembedding, ``W`` and
+    ``W.T``, the cross terms pair one use's output gradients with the other's inputs). Costs
+    ``N C`` backward passes (batched over the points, whatever data-dependent code builds the
+    model's masks) plus Gram products of layer widths; no Jacobian of size ``N C P`` is
+    stored. A parameter that no rule covers, and only that parameter, goes through the generic
+    path of ``JACOBIAN``.
 
     ``JACOBIAN``: ``vmap(jacrev)`` per-example Jacobians, contracted range of parameters by
     range of parameters within the memory budget. Costs ``N C`` backward passes plus
@@ -137,9 +140,9 @@ class KernelOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
-        shape = None if self.output_weights is None else torch.as_tensor(self.output_weights).shape
-        if shape is not None and len(shape) != 1:
-            raise ValueError(f"`output_weights` must have shape (C,), got {tuple(shape)}.")
+        weights = None if self.output_weights is None else torch.as_tensor(self.output_weights)
+        if weights is not None and weights.ndim != 1:
+            raise ValueError(f"`output_weights` must have shape (C,), got {tuple(weights.shape)}.")
 
     @classmethod
     def of(cls, options: KernelOptions | None = None, **fields: object) -> KernelOptions:

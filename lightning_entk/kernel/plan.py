@@ -16,17 +16,19 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lightning_entk.kernel.context import CaptureRoute, ntk_context
-from lightning_entk.kernel.factors import dense_flops, gram_flops
+from lightning_entk.kernel.context import CaptureRoute, block_route, ntk_context, transposed_uses
+from lightning_entk.kernel.factors import dense_flops, gram_flops, tied_flops
 from lightning_entk.kernel.options import KernelOptions
 from lightning_entk.kernel.points import Points, num_points
 
 
 @dataclass(frozen=True)
 class ParameterRoute:
-    """One parameter's route: ``structured`` (factors, Gram products), ``columns`` (several
-    layouts: Jacobian columns formed from factors) or ``generic`` (``torch.func``), with the
-    operations that use it, its factor sizes T, H, B, A and its predicted cost."""
+    """One parameter's route: ``structured`` (factors, Gram products), ``tied`` (used through
+    a view ``V`` and its transpose, a tied embedding and unembedding: factors, Gram products
+    and their cross terms), ``columns`` (other sets of layouts: Jacobian columns formed from
+    factors) or ``generic`` (``torch.func``), with the operations that use it, its factor sizes
+    T, H, B, A and its predicted cost."""
 
     name: str
     shape: tuple[int, ...]
@@ -108,17 +110,15 @@ def ntk_plan(
     """
     options = KernelOptions.of(options, **kernel_options)
     with ntk_context(model, x1, x2, options) as ctx:
-        start = time.perf_counter()
         structure = ctx.structure(ctx.x1)
-        forward_seconds = time.perf_counter() - start  # discovery and a trial capture
         c = ctx.num_outputs()
         n1 = num_points(ctx.x1)
         n2 = n1 if ctx.x2 is None else num_points(ctx.x2)
         groups = 0 if ctx.group_of is None else len(set(ctx.group_of.values()))
-        return _predict(ctx, structure, mode, c, n1, n2, forward_seconds, groups)
+        return _predict(ctx, structure, mode, c, n1, n2, groups)
 
 
-def _predict(ctx, structure, mode, c, n1, n2, forward_seconds, groups) -> NTKPlan:
+def _predict(ctx, structure, mode, c, n1, n2, groups) -> NTKPlan:
     itemsize = torch.empty((), dtype=ctx.dtype).element_size()
     n = n1 + (0 if ctx.x2 is None else n2)
     rows, flops_total, factor_bytes = [], 0.0, 0
@@ -135,17 +135,29 @@ def _predict(ctx, structure, mode, c, n1, n2, forward_seconds, groups) -> NTKPla
             )
         else:
             uses = by_param[name]
-            t = sum(u.positions for u in uses)
+            route = block_route(uses)
             h, b, a = uses[0].layout.shape
-            same = all(u.layout.shape == uses[0].layout.shape for u in uses)
-            inputs = 1 if uses[0].kind == "tokens" else a
-            flops = min(
-                gram_flops(n1, n2, t, t, h, inputs, b, c, mode),
-                dense_flops(n1, n2, t, t, size, c, mode),
+            flipped = transposed_uses(uses) if route == "tied" else [False] * len(uses)
+            sides = [[u for u, f in zip(uses, flipped, strict=True) if f == side]
+                     for side in (False, True)]  # fmt: skip
+            t = (sum(u.positions for u in sides[0]), sum(u.positions for u in sides[1]))
+            across = (_dot_length(sides[1], b), _dot_length(sides[0], a))
+            if route == "tied":
+                flops = min(tied_flops(n1, n2, t, t, h, across, size, c, mode))
+            else:
+                flops = min(
+                    gram_flops(n1, n2, t[0], t[0], h, across[1], b, c, mode),
+                    dense_flops(n1, n2, t[0], t[0], size, c, mode),
+                )
+            held = n * (t[0] * (c * h * b + h * a) + t[1] * (c * h * a + h * b)) * itemsize
+            detail = (
+                f"T={sum(t)} H={h} B={b} A={a}"
+                + {
+                    "structured": "",
+                    "tied": f" (V at T={t[0]}, V^T at T={t[1]})",
+                    "columns": " (several layouts)",
+                }[route]
             )
-            held = n * t * (c * h * b + h * a) * itemsize
-            route = "structured" if same else "columns"
-            detail = f"T={t} H={h} B={b} A={a}" + ("" if same else " (several layouts)")
             rows.append(ParameterRoute(name, shape, route, len(uses), detail, flops, held))
             factor_bytes += held
         flops_total += rows[-1].flops
@@ -154,17 +166,23 @@ def _predict(ctx, structure, mode, c, n1, n2, forward_seconds, groups) -> NTKPla
     kernel_bytes = (2 + groups) * n1 * n2 * per_entry * itemsize
     chunk = ctx.budget.piece if structure.uses or structure.generic else 0
     peak = factor_bytes + kernel_bytes + chunk
-    # Discovery ran the capture on (at most) 3 points: a batched pass over a chunk costs
-    # about as much (overhead-bound), vmap a little more per point, one point at a time N/3.
-    per_trial = {CaptureRoute.BATCHED: 1 / 256, CaptureRoute.VMAP: 1 / 64}.get(
-        structure.capture, 1 / 3
+    # Discovery timed the chosen capture route on a few points: one point at a time costs that
+    # per point; a batched pass over a chunk costs about as much as the trial (overhead-bound
+    # for the small models where capture matters), vmap a little more per point.
+    per_trial = {CaptureRoute.BATCHED: 1 / ctx.batch_size, CaptureRoute.VMAP: 1 / 64}.get(
+        structure.capture, 1 / max(structure.trial_points, 1)
     )
-    captures = max(1.0, n * per_trial) * forward_seconds if structure.uses else 0.0
+    captures = max(1.0, n * per_trial) * structure.trial_seconds if structure.uses else 0.0
     seconds = flops_total / _flop_rate(ctx.dtype, ctx.device) + captures
     return NTKPlan(
         rows, n1, c, mode, seconds, int(peak), structure.capture.value, factor_bytes,
         kernel_bytes, chunk, structure.capture_reason, groups,
     )  # fmt: skip
+
+
+def _dot_length(uses: list, inputs: int) -> int:
+    """The length of a dot product with the inputs of ``uses``: 1 for token ids (a gather)."""
+    return 1 if uses and all(u.kind == "tokens" for u in uses) else inputs
 
 
 _RATES: dict[tuple, float] = {}

@@ -15,7 +15,9 @@ only in ``V`` and ``y`` are outputs ``b``; letters of ``x`` and ``y`` not in ``V
 so a use is held as the *factors* ``x`` (T, H, A) and ``g`` (T, C, H, B), and ``layout`` (H, B, A)
 says which element of the flat parameter each entry of ``V`` is. Two uses with the same layout
 are summed by concatenating their positions; their share of the kernel is a product of Grams
-summed over all pairs of positions (see :mod:`lightning_entk.kernel.factors`).
+summed over all pairs of positions (see :mod:`lightning_entk.kernel.factors`). Uses through a
+layout and its transpose (a tied embedding ``W[ids]`` and unembedding ``h @ W.T``) add cross
+terms of the same form, each Gram pairing one use's output gradients with the other's inputs.
 
 Covered (the parameter may enter through any chain of views: transpose, permute, reshape,
 slice, select, chunk, split, expand, casts, and scaling by a number):
