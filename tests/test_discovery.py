@@ -109,3 +109,27 @@ def test_empirical_ntk_points_the_model_cannot_take_are_named(points, described)
     model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
     with pytest.raises(ValueError, match=f"could not be called on the points \\({described}\\)"):
         empirical_ntk(model, points)
+
+
+def test_a_readouts_kernel_takes_its_shared_output_gradients(monkeypatch):
+    """A linear readout's output gradients are the same at every point: its kernel is a
+    multiple of its inputs' Gram, exact, without a Gram of the output gradients."""
+    from lightning_entk.kernel import factors
+
+    shared = []
+    original = factors._shared_output_gram
+    monkeypatch.setattr(
+        factors, "_shared_output_gram", lambda g1, g2: shared.append(original(g1, g2)) or shared[-1]
+    )
+    model = mlp()
+    x = torch.randn(9, 5, dtype=torch.float64)
+    torch.testing.assert_close(
+        empirical_ntk(model, x, params=["2.weight", "2.bias"]),
+        brute_force_ntk(model, x, names=["2.weight", "2.bias"]),
+        rtol=1e-12,
+        atol=0,
+    )
+    assert shared and all(s is not None for s in shared)
+    shared.clear()
+    empirical_ntk(model, x, params=["0.weight"])  # behind the tanh: a gradient per point
+    assert shared and all(s is None for s in shared)

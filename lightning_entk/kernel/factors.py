@@ -92,6 +92,16 @@ def separable(g: Tensor) -> tuple[Tensor, Tensor] | None:
     return d, a
 
 
+def _shared_output_gram(g1: Tensor, g2: Tensor) -> Tensor | None:
+    """``(H,)``: ``sum_{c, b} g1[r, c, h, b] g2[s, c, h, b]`` when both ``(R, C, H, B)`` are the
+    same at every row (point and position), as at a linear readout, whose output gradients are
+    the model's own output map whatever the point; ``None`` otherwise. One comparison pass
+    over each, instead of a Gram of ``R1 R2 C B`` products."""
+    if not (torch.equal(g1, g1[:1].expand_as(g1)) and torch.equal(g2, g2[:1].expand_as(g2))):
+        return None
+    return torch.einsum("chb,chb->h", g1[0], g2[0])
+
+
 def contract(j1: Tensor, j2: Tensor, mode: str, symmetric: bool) -> Tensor:
     """The kernel of per-example Jacobians ``(N1, C, P)`` and ``(N2, C, P)`` in ``full``,
     ``trace`` or ``diagonal`` layout."""
@@ -258,6 +268,10 @@ class FactorBlock:
         g1 = self.g.reshape(n1 * t1, c, h, b)
         g2 = other.g.reshape(n2 * t2, c, h, b)
         if mode == "trace":
+            shared = _shared_output_gram(g1, g2)
+            if shared is not None:  # the same output gradients at every point (a readout)
+                k = (shared[:, None, None] * k_in).sum(0) if h > 1 else k_in[0] * shared[0]
+                return k if t1 == t2 == 1 else k.reshape(n1, t1, n2, t2).sum(dim=(1, 3))
             k_out = self._separable_output_gram(other) if c > 1 else None
             if k_out is None and h == 1:
                 k_out = gram(g1.reshape(n1 * t1, -1), g2.reshape(n2 * t2, -1), symmetric)[None]
