@@ -72,6 +72,7 @@ class Clock:
     def __init__(self, now: Callable[[], float] = time.perf_counter) -> None:
         self.now = now
         self.started: float | None = None
+        self.stopped: float | None = None  # the training seconds when training ended
         self.spent: dict[str, float] = {}
 
     def start(self) -> None:
@@ -93,14 +94,20 @@ class Clock:
         return sum(self.spent.values())
 
     def training_seconds(self) -> float:
-        """Wall time since the start outside the monitor."""
+        """Wall time since the start outside the monitor (until :meth:`stop`)."""
+        if self.stopped is not None:
+            return self.stopped
         if self.started is None:
             return 0.0
         return max(self.now() - self.started - self.monitor_seconds, 0.0)
 
+    def stop(self) -> None:
+        """Training ended: its seconds are fixed; the monitor's may still grow."""
+        self.stopped = self.training_seconds()
+
     def restart(self) -> None:
         """Count afresh (after a resume in another process: its clock is not this one's)."""
-        self.started, self.spent = None, {}
+        self.started, self.stopped, self.spent = None, None, {}
 
 
 class Schedule(Protocol):

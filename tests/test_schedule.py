@@ -160,6 +160,10 @@ def test_clock_splits_training_and_monitor_seconds_and_restarts():
     time.now = 10.0
     assert clock.spent == {"sentinel": 0.5, "evaluation": 1.0}
     assert clock.training_seconds() == pytest.approx(8.5)
+    clock.stop()  # training ended: its seconds stay, the monitor's may grow
+    with clock.charge("images"):
+        time.now = 12.0
+    assert clock.training_seconds() == pytest.approx(8.5) and clock.spent["images"] == 2.0
     clock.restart()  # resumed in a new process: the account starts afresh
     assert clock.monitor_seconds == 0.0 and clock.training_seconds() == 0.0
 

@@ -192,7 +192,7 @@ class Monitor:
 
     def start(self, step: int = 0, epoch: int = 0) -> None:
         """Training starts: the clock runs; the kernel at initialization (unless resumed)."""
-        if self.collective.rank == 0 and self.sink is not None:
+        if self.collective.rank == 0:
             self.sink.layout(tensorboard_layout(self.accuracy_key, self.kernel.groups is not None))
         self.clock.start()
         if not self.history:
@@ -228,6 +228,7 @@ class Monitor:
         """Training ended: the kernel at the end (unless just evaluated), its images when the
         budget affords them, and the summary figure (always: in the sink's directory as
         ``entk_summary.png`` and as the sink's last image of the spectrum's evolution)."""
+        self.clock.stop()
         if metrics:
             self._watch(epoch, metrics)
         if self._last_step() != step:
