@@ -22,8 +22,9 @@ Assumptions, and what it does when they fail:
   trained with weight decay, without a final LayerNorm; on a model where the held-out
   alignment stays low while accuracy rises, the forecast is late or absent).
 * Growth goes on as it went in the recent past (exponentially or as a power, whichever fits
-  better). When ``h`` has not risen above its floor by ``MIN_RISE``, or it is not growing,
-  there is no forecast: nothing is coming
+  better). When ``h`` has not risen above its floor by ``MIN_RISE``, or it is not growing, or
+  it would take more than ``HORIZON`` times the epochs so far, there is no forecast: nothing
+  is coming
   (control runs that memorise without generalising stay here or fall back here when their
   alignment levels off).
 * The accuracy's level is 0.5 (the summary's and the benchmark's); other levels are not
@@ -46,6 +47,7 @@ WINDOWS = (0.25, 0.5)  # the last quarter and the last half of the epochs so far
 MIN_RISE = 0.03  # above the floor before the growth says anything
 MIN_READINGS = 3  # in a window, for a slope
 FLOOR_MARGIN = 1e-3  # below the lowest reading, so that its logarithm is finite
+HORIZON = 10  # no forecast beyond this many times the epochs so far: too slow to say
 
 
 @dataclass(frozen=True)
@@ -103,16 +105,20 @@ def forecast(epochs: Sequence[float], alignment: Sequence[float], now: int) -> F
     if not reach:
         return Forecast(now, None, None, None, f"alignment {h[-1]:.3f}, not growing")
     central = float(np.mean([r(TARGET) for r in reach]))
+    if not central <= HORIZON * now:
+        basis = f"alignment {h[-1]:.3f}, rising too slowly to reach {TARGET}"
+        return Forecast(now, None, None, None, basis)
     low = min(r(max(BAND[0], float(h[-1]))) for r in reach)
-    high = max(r(BAND[1]) for r in reach)
+    high = min(max(r(BAND[1]) for r in reach), HORIZON * now)
     basis = f"alignment {h[-1]:.3f} rising"
     return Forecast(now, central, min(low, central), max(high, central), basis)
 
 
 def _growth(t: np.ndarray, log_excess: np.ndarray, now: float, excess_now: float):
-    """The epoch at which the excess reaches a level, ``level -> epoch``, by whichever of an
-    exponential (``log excess`` linear in ``t``) and a power law (linear in ``log t``) fits
-    ``log_excess`` better and grows; ``None`` if neither grows."""
+    """The epoch at which the excess reaches a level, ``level -> epoch`` (``inf`` beyond
+    ``HORIZON`` times ``now``), by whichever of an exponential (``log excess`` linear in
+    ``t``) and a power law (linear in ``log t``) fits ``log_excess`` better and grows; ``None``
+    if neither grows."""
     fits = []
     for x, kind in ((t, "exponential"), (np.log(t), "power")):
         slope, intercept = np.polyfit(x, log_excess, 1)
@@ -122,6 +128,11 @@ def _growth(t: np.ndarray, log_excess: np.ndarray, now: float, excess_now: float
     if not fits:
         return None
     _, kind, slope = min(fits)
-    if kind == "exponential":
-        return lambda level: now + math.log(level / excess_now) / slope
-    return lambda level: now * (level / excess_now) ** (1 / slope)
+
+    def epoch(level: float) -> float:
+        growth = math.log(level / excess_now) / slope  # in the model's own variable
+        if kind == "exponential":
+            return now + growth if growth <= (HORIZON - 1) * now else math.inf
+        return now * math.exp(growth) if growth <= math.log(HORIZON) else math.inf
+
+    return epoch

@@ -511,3 +511,19 @@ def test_monitor_warns_once_when_the_watched_metric_is_never_logged(tmp_path):
     with pytest.warns(UserWarning, match="`accuracy_key`='val_accuracy' is not among") as record:
         fit(tmp_path, callbacks=[monitor])
     assert sum("val_accuracy" in str(w.message) for w in record) == 1
+
+
+def test_monitor_forecast_or_detector_failure_is_a_warning_and_training_goes_on(
+    tmp_path, monkeypatch
+):
+    from lightning_entk.monitor import core
+
+    def broken(*args, **kwargs):
+        raise OverflowError("numerical result out of range")
+
+    monkeypatch.setattr(core, "forecast", broken)
+    monitor = ENTKMonitor(every_n_epochs=1)
+    monkeypatch.setattr(monitor.early_warning, "update", broken)
+    with pytest.warns(UserWarning, match="skipped its forecast.*OverflowError"):
+        trainer, _ = fit(tmp_path, callbacks=[monitor])
+    assert trainer.current_epoch == 3 and len(monitor.history) == 4 and monitor.readings

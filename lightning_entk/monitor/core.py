@@ -366,11 +366,15 @@ class Monitor:
         if self.first_epoch_reaching(LEVELS[0]) is not None:
             return {}
         readings = [r for r in self.readings if keys.SENTINEL_ALIGNMENT in r.metrics]
-        made = forecast(
-            [r.epoch for r in readings],
-            [r.metrics[keys.SENTINEL_ALIGNMENT] for r in readings],
-            epoch,
-        )
+        try:
+            made = forecast(
+                [r.epoch for r in readings],
+                [r.metrics[keys.SENTINEL_ALIGNMENT] for r in readings],
+                epoch,
+            )
+        except Exception as err:  # monitoring never ends the user's run
+            self._warn(f"ENTKMonitor skipped its forecast at epoch {epoch}: {err!r}")
+            return {}
         if made.epoch is not None or (self.forecasts and self.forecasts[-1].epoch is not None):
             self.forecasts.append(made)
         if made.epoch is None:
@@ -467,7 +471,12 @@ class Monitor:
     def _detect(self, record) -> None:
         if self.early_warning is None:
             return
-        for transition in self.early_warning.update(record):
+        try:
+            raised = self.early_warning.update(record)
+        except Exception as err:  # monitoring never ends the user's run
+            self._warn(f"ENTKMonitor's early warning skipped a record: {err!r}")
+            return
+        for transition in raised:
             self.transitions.append(transition)
             self._announce(transition)
 
