@@ -27,6 +27,6 @@ def test_plain_loop_example_warns_ahead_of_grokking(tmp_path, capsys):
     readings = events.Scalars("entk/sentinel/heldout_alignment")
     assert len(readings) == len(monitor.readings) >= 20
     assert len(events.Scalars("entk/num_cliffs")) == len(monitor.history) >= 2
-    assert "entk/spectrum" in events.Tags()["images"]
+    assert "entk/spectrum_evolution" in events.Tags()["images"]  # the summary figure, always
     assert (tmp_path / "entk_summary.png").stat().st_size > 20_000
     assert monitor.summary_path == tmp_path / "entk_summary.png"
