@@ -25,6 +25,7 @@ import time
 import warnings
 
 import torch
+
 from _harness import measure, relative_error
 
 SEQS, LEN, VOCAB = 64, 8, 97
@@ -32,10 +33,16 @@ SEQS, LEN, VOCAB = 64, 8, 97
 
 def bert(mask: bool):
     from transformers import BertConfig, BertForSequenceClassification
+
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=VOCAB, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=512, num_labels=5, max_position_embeddings=64,
+        vocab_size=VOCAB,
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=512,
+        num_labels=5,
+        max_position_embeddings=64,
     )
     model = BertForSequenceClassification(config).eval()
     g = torch.Generator().manual_seed(0)
@@ -57,9 +64,17 @@ def setup_bert_mask():
 
 def setup_gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
+
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=VOCAB, n_embd=128, n_layer=2, n_head=4, n_positions=64,
-                        bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=128,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     model = GPT2LMHeadModel(config).eval()
     assert model.lm_head.weight is model.transformer.wte.weight  # tied
     ids = torch.randint(0, VOCAB, (SEQS // 2, LEN), generator=torch.Generator().manual_seed(0))
@@ -72,6 +87,7 @@ def last_position(out):
 
 def _kernel(model, x, method):
     from lightning_entk import empirical_ntk
+
     output_fn = last_position if "GPT2" in type(model).__name__ else None
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore")
@@ -100,11 +116,13 @@ def interleaved(model, x):
 
 def plan(model, x):
     from lightning_entk import ntk_plan
+
     output_fn = last_position if "GPT2" in type(model).__name__ else None
     p = ntk_plan(model, x, output_fn=output_fn)
     routes = sorted(set(p.routes().values()))
     tied = [r.name for r in p.parameters if r.route == "tied"]
-    return f"capture {p.capture}{' (' + p.capture_reason + ')' if p.capture_reason else ''}; routes {routes}; tied {tied}"
+    reason = f" ({p.capture_reason})" if p.capture_reason else ""
+    return f"capture {p.capture}{reason}; routes {routes}; tied {tied}"
 
 
 CASES = {
@@ -120,24 +138,32 @@ def main():
     except ImportError:
         sys.exit("benchmarks/hf_models.py needs `pip install transformers` (not a dependency).")
     interleave = "--interleave" in sys.argv[1:]
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"{torch.get_num_threads()} threads; load average before: {os.getloadavg()}")
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"{torch.get_num_threads()} threads; load average before: {os.getloadavg()}"
+    )
     for name, setup in CASES.items():
         model, x = setup()
         print(f"{name}: {plan(model, x)}", flush=True)
         if interleave:
             both = measure(setup, interleaved, repeats=1, warmup=0)["result"]
             (fs, fk), (ss, sk) = both["default"], both["jacobian"]
-            print(f"  default {fs:.3f} s, jacobian {ss:.2f} s, ratio {ss / fs:.1f}x, "
-                  f"rel diff {relative_error(fk, sk):.1e} (interleaved, one process)", flush=True)
+            print(
+                f"  default {fs:.3f} s, jacobian {ss:.2f} s, ratio {ss / fs:.1f}x, "
+                f"rel diff {relative_error(fk, sk):.1e} (interleaved, one process)",
+                flush=True,
+            )
         else:
             fast = measure(setup, default, repeats=3, warmup=1)
             slow = measure(setup, jacobian, repeats=1, warmup=0)
-            print(f"  default {fast['seconds']:.3f} s, peak +{fast['peak_mib']:.0f} MiB; "
-                  f"jacobian {slow['seconds']:.2f} s, peak +{slow['peak_mib']:.0f} MiB; "
-                  f"ratio {slow['seconds'] / fast['seconds']:.1f}x, "
-                  f"rel diff {relative_error(fast['result'], slow['result']):.1e} "
-                  "(each in a fresh process)", flush=True)
+            print(
+                f"  default {fast['seconds']:.3f} s, peak +{fast['peak_mib']:.0f} MiB; "
+                f"jacobian {slow['seconds']:.2f} s, peak +{slow['peak_mib']:.0f} MiB; "
+                f"ratio {slow['seconds'] / fast['seconds']:.1f}x, "
+                f"rel diff {relative_error(fast['result'], slow['result']):.1e} "
+                "(each in a fresh process)",
+                flush=True,
+            )
     print(f"load average after: {os.getloadavg()}")
 
 
