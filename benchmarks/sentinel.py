@@ -140,13 +140,13 @@ def run(name, model, train, optimizer, loss, batch, monitor) -> dict:
 def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(
-        f"{'model':<22}{'readout':<10}{'points':>7}{'first (s)':>11}{'reading (ms)':>14}"
+        f"{'model':<24}{'readout':<10}{'points':>7}{'first (s)':>11}{'reading (ms)':>14}"
         f"{'epoch (ms)':>12}{'steps':>7}{'share':>8}"
     )
     for name in ("modular MLP", "modular transformer", "GPT-2-style classifier"):
         r = measure(functools.partial(setup, name), run, repeats=1, warmup=0)["result"]
         print(
-            f"{r['name']:<22}{r['readout']:<10}{r['points']:>7}{r['first']:>11.3f}"
+            f"{r['name']:<24}{r['readout']:<10}{r['points']:>7}{r['first']:>11.3f}"
             f"{1e3 * r['reading']:>14.1f}{1e3 * r['epoch']:>12.1f}{r['steps']:>7}"
             f"{r['reading'] / r['epoch']:>8.1%}"
         )
