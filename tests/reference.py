@@ -10,6 +10,7 @@ point ``i`` is taken as a batch of one, ``t[i:i+1]`` of every tensor (other leav
 replaces both the call of the model and the output handling.
 """
 
+import inspect
 from collections.abc import Mapping
 
 import torch
@@ -48,8 +49,14 @@ def point(points, i: int):
 
 
 def call_model(model: nn.Module, points):
-    """``model(x)``, ``model(*x)`` or ``model(**x)`` for a tensor, tuple or dict of points."""
+    """``model(x)``, ``model(*x)`` or ``model(**x)`` for a tensor, tuple or dict of points; a
+    dict goes whole to a ``forward(self, batch)`` that names none of its keys."""
     if isinstance(points, Mapping):
+        named = inspect.signature(model.forward).parameters
+        if set(points).isdisjoint(named) and not any(
+            p.kind is inspect.Parameter.VAR_KEYWORD for p in named.values()
+        ):
+            return model(points)
         return model(**points)
     if isinstance(points, tuple | list):
         return model(*points)

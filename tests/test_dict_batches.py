@@ -81,3 +81,29 @@ def test_monitor_defaults_on_dict_batches_log_kernel_regression():
     for record in monitor.history:
         assert 0.0 <= record.metrics["entk/kernel_regression_acc"] <= 1.0
         assert record.metrics["entk/eigenvalue/top1"] > 0
+
+
+class BatchArgumentClassifier(KeywordClassifier):
+    """``forward(self, batch)``: the dict batch passed whole, as many LightningModules do."""
+
+    def forward(self, batch):
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch).logits, batch["labels"])
+
+    def validation_step(self, batch, batch_idx):
+        self.val_acc(self(batch).logits, batch["labels"])
+        self.log("val_acc", self.val_acc)
+
+
+@pytest.mark.slow
+def test_monitor_defaults_on_a_forward_that_takes_the_dict_batch_whole():
+    L.seed_everything(0, verbose=False)
+    monitor = ENTKMonitor()
+    quick_trainer(max_epochs=3, callbacks=[monitor]).fit(BatchArgumentClassifier())
+    assert set(monitor.probe.x) == {"input_ids", "attention_mask"}
+    assert monitor.history[0].epoch == 0 and monitor.history[-1].epoch == 3
+    assert monitor.readings and all(
+        -1.0 <= r.metrics["entk/sentinel/heldout_alignment"] <= 1.0 for r in monitor.readings
+    )

@@ -3,6 +3,8 @@ and ``einsum``, ``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer``, GPT-2
 hand-written norms, keyword inputs and output objects), against the brute-force float64
 reference; the reference itself against an independent ``torch.func`` oracle."""
 
+import inspect
+
 import pytest
 import torch
 from test_kernel import assert_relative_close
@@ -11,6 +13,7 @@ from torch.func import functional_call, jacrev, vmap
 from torch.utils._pytree import tree_map
 from user_models import (
     Conv1DModel,
+    DictArgumentClassifier,
     EncoderClassifier,
     HFStyleClassifier,
     MHAClassifier,
@@ -140,6 +143,11 @@ CASES = {
     ),
     "tied_heads": (TiedHeads, lambda: tokens(5), lambda: tokens(3, seed=2)),
     "hf_style_dict": (HFStyleClassifier, lambda: hf_points(5), lambda: hf_points(3, seed=2)),
+    "hf_style_dict_argument": (
+        DictArgumentClassifier,
+        lambda: hf_points(5),
+        lambda: hf_points(3, seed=2),
+    ),
     "hf_style_padded_encoder": (
         PaddedEncoder,
         lambda: padded_points(5),
@@ -175,7 +183,9 @@ def func_jacobian(model, points, output_fn=logits) -> Tensor:
     n = num_points(points)
 
     def f(params, xi):
-        if isinstance(xi, dict):
+        if isinstance(xi, dict) and set(xi).isdisjoint(inspect.signature(model.forward).parameters):
+            args, kwargs = ({k: v[None] for k, v in xi.items()},), {}  # forward(self, batch)
+        elif isinstance(xi, dict):
             args, kwargs = (), {k: v[None] for k, v in xi.items()}
         elif isinstance(xi, tuple):
             args, kwargs = tuple(v[None] for v in xi), {}

@@ -303,6 +303,18 @@ class HFStyleClassifier(nn.Module):
         return SequenceClassifierOutput(logits=logits, loss=loss, hidden_states=hidden_states)
 
 
+class DictArgumentClassifier(nn.Module):
+    """The Hugging Face-style classifier behind a ``forward(self, batch)`` that takes the dict
+    batch whole, as a LightningModule often does: ``self.model(**batch).logits``."""
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.model = HFStyleClassifier(**kwargs)
+
+    def forward(self, batch: dict) -> Tensor:
+        return self.model(**batch).logits
+
+
 class PaddedEncoderLayer(nn.Module):
     """A post-LayerNorm encoder layer as BERT writes it: one ``nn.Linear`` for q, k and v split
     into heads (N, H, T, d), ``F.scaled_dot_product_attention`` with an additive mask, an output

@@ -111,7 +111,8 @@ def empirical_ntk(
             object with ``.logits`` holding them; see ``output_fn``).
         x1: points ``(N1, ...)``: float features or integer tokens; or a tuple of such tensors
             (the model is called as ``model(*x1)``) or a dict (``model(**x1)``, with the keys
-            ``forward`` takes), every tensor with the points along dim 0.
+            ``forward`` takes; ``model(x1)`` when it takes none of them), every tensor with
+            the points along dim 0.
         x2: points ``(N2, ...)`` of the same structure and per-point shapes; ``None`` means
             ``x1``.
         mode: ``"trace"`` ``(N1, N2)``, the *sum* over outputs of the diagonal blocks;

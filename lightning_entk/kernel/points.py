@@ -2,7 +2,8 @@
 
 Points are a tensor ``(N, ...)``, a tuple or list of tensors (the model is called as
 ``model(*points)``) or a dict of tensors (``model(**points)``, keys the ``forward`` does not
-take left out), every leaf with the points along dim 0. A model's raw output may be a tensor,
+take left out; a ``forward`` that takes none of its keys, ``forward(self, batch)``, gets the
+dict whole), every leaf with the points along dim 0. A model's raw output may be a tensor,
 a tuple or list (its first element), a dict (its ``"logits"``) or an object with ``.logits``; an
 ``output_fn`` maps anything else, and a ``forward_fn(model, points) -> (N, C)`` replaces the
 call altogether (several arguments, extra keyword arguments).
@@ -115,9 +116,11 @@ def describe_points(points: Points) -> str:
 
 
 def call_model(model: nn.Module, points: Points) -> object:
-    """``model(x)``, ``model(*points)`` or ``model(**points)`` with the keys it accepts."""
+    """``model(x)``, ``model(*points)``, or for a dict ``model(**points)`` with the keys it
+    accepts (``model(points)`` when its ``forward`` takes none of them)."""
     if isinstance(points, dict):
-        return model(**accepted_keywords(model, points))
+        keywords = accepted_keywords(model, points)
+        return model(**keywords) if keywords else model(points)
     if isinstance(points, tuple | list):
         return model(*points)
     return model(points)
