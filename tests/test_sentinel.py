@@ -101,6 +101,29 @@ def test_sentinel_reads_every_epoch_while_within_its_share_and_less_often_beyond
     assert gaps == {3}  # 0.3 s over 10% of a second
 
 
+def test_sentinel_reads_about_eleven_times_each_time_the_run_doubles():
+    """A reading dear against a step (here 50 steps' worth at a 5% share: a gap of 1,000 steps
+    by the share alone) still comes within a sixteenth of the steps so far."""
+    now = [0.0]
+    clock = Clock(lambda: now[0])
+    clock.start()
+    sentinel = Sentinel()
+    sentinel.off_reason = None
+    steps = []
+    for step in range(1, 801):
+        now[0] += 0.01  # one step, one epoch
+        if sentinel.due(step):
+            steps.append(step)
+            with clock.charge("sentinel"):
+                now[0] += 0.5
+            sentinel.epoch_ended(step)
+            sentinel.schedule_next(step, 0.5, clock)
+    for a, b in itertools.pairwise(steps):
+        assert b - a <= max(1, a // 16)
+    assert steps[-1] > 700
+    assert 10 <= len([s for s in steps if 400 < s <= 800]) <= 12  # 16 ln 2 a doubling
+
+
 def test_sentinel_long_epochs_read_a_few_times_an_epoch():
     now = [0.0]
     clock = Clock(lambda: now[0])
