@@ -85,13 +85,17 @@ def last_position(out):
     return out.logits[:, -1]
 
 
+def output_fn(model):
+    """The language model's logits at the last position; the classifier's as they are."""
+    return last_position if "GPT2" in type(model).__name__ else None
+
+
 def _kernel(model, x, method):
     from lightning_entk import empirical_ntk
 
-    output_fn = last_position if "GPT2" in type(model).__name__ else None
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore")
-        return empirical_ntk(model, x, method=method, output_fn=output_fn).detach()
+        return empirical_ntk(model, x, method=method, output_fn=output_fn(model)).detach()
 
 
 def default(model, x):
@@ -117,8 +121,7 @@ def interleaved(model, x):
 def plan(model, x):
     from lightning_entk import ntk_plan
 
-    output_fn = last_position if "GPT2" in type(model).__name__ else None
-    p = ntk_plan(model, x, output_fn=output_fn)
+    p = ntk_plan(model, x, output_fn=output_fn(model))
     routes = sorted(set(p.routes().values()))
     tied = [r.name for r in p.parameters if r.route == "tied"]
     reason = f" ({p.capture_reason})" if p.capture_reason else ""

@@ -251,6 +251,15 @@ def _length(dataset: Dataset | None) -> int:
         ) from err
 
 
+def seeded_choice(n: int, count: int, seed: int = 0) -> Tensor:
+    """``count`` of the indices ``0 .. n-1`` (all when ``count >= n``): a seeded random choice,
+    in increasing order."""
+    if count >= n:
+        return torch.arange(n)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=generator)[:count].sort().values
+
+
 def _from_dataset(dataset: Dataset | None, count: int, seed: int) -> ProbeSet | None:
     """``count`` items of a map-style dataset: all in order when it has no more, else a seeded
     random subset in index order."""
@@ -258,11 +267,7 @@ def _from_dataset(dataset: Dataset | None, count: int, seed: int) -> ProbeSet | 
     count = min(count, size)
     if count == 0:
         return None
-    if count == size:
-        indices = range(size)
-    else:
-        generator = torch.Generator().manual_seed(seed)
-        indices = torch.randperm(size, generator=generator)[:count].sort().values.tolist()
+    indices = range(size) if count == size else seeded_choice(size, count, seed).tolist()
     items = [dataset[i] for i in indices]
     try:
         batch = default_collate(items)

@@ -41,7 +41,7 @@ from lightning_entk.kernel import (
 from lightning_entk.kernel.options import automatic_groups
 from lightning_entk.kernel.points import num_points, take, to_device
 from lightning_entk.monitor import keys
-from lightning_entk.probe import ProbeSet
+from lightning_entk.probe import ProbeSet, seeded_choice
 from lightning_entk.schedule import Clock
 
 DEFAULT_SHARE = 0.05  # of the training time, at most: half the default time budget
@@ -102,11 +102,13 @@ class Sentinel:
         if probe.y is None or probe.heldout is None:
             self.off_reason = "the probe has no labels or no held-out points"
             return self.off_reason
-        held = _seeded_subset(probe.heldout.nonzero().flatten(), MAX_POINTS)
+        held = probe.heldout.nonzero().flatten()
+        held = held[seeded_choice(len(held), MAX_POINTS).to(held.device)]
         if len(held) < MIN_DEBIASED_POINTS:
             self.off_reason = f"fewer than {MIN_DEBIASED_POINTS} held-out probe points"
             return self.off_reason
-        trained = _seeded_subset((~probe.heldout).nonzero().flatten(), TRAIN_POINTS)
+        trained = (~probe.heldout).nonzero().flatten()
+        trained = trained[seeded_choice(len(trained), TRAIN_POINTS).to(trained.device)]
         if len(trained) < MIN_DEBIASED_POINTS:
             self.off_reason = f"fewer than {MIN_DEBIASED_POINTS} training probe points"
             return self.off_reason
@@ -193,14 +195,6 @@ class Sentinel:
 
     def load_state_dict(self, state: dict) -> None:
         self._state.update(state)
-
-
-def _seeded_subset(index: Tensor, count: int) -> Tensor:
-    """At most ``count`` of ``index``, a seeded choice kept in order."""
-    if len(index) <= count:
-        return index
-    generator = torch.Generator().manual_seed(0)
-    return index[torch.randperm(len(index), generator=generator)[:count]].sort().values
 
 
 def _common_prefix(names: list[str]) -> str:
