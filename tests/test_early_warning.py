@@ -101,6 +101,22 @@ def test_alignment_ratio_is_silent_for_features_that_carry_over_from_the_start()
     ]
 
 
+def test_alignment_ratio_counts_from_a_low_training_alignment_by_default():
+    """With two classes, or cross-entropy over many, the training alignment stays under 0.1
+    until the network generalises (docs/early_warning.md): the default floor lets the ratio
+    count from 0.02, and not below it, where a ratio is noise."""
+    detector = EarlyWarning()
+    readings = [
+        reading(0, -0.004, 0.007),  # under the floor: a ratio of -0.6 means nothing
+        reading(50, -0.005, 0.03),  # below the level
+        reading(100, 0.004, 0.028),  # 0.14
+        reading(150, 0.008, 0.03),  # 0.27: raised
+    ]
+    assert kinds(detector, readings) == [(150, "alignment_ratio")]
+    quiet = EarlyWarning()
+    assert kinds(quiet, [reading(e, 0.009, 0.015) for e in range(0, 200, 50)]) == []
+
+
 def test_alignment_ratio_reads_sentinel_readings_beside_full_evaluations():
     """Full evaluations (with cliffs, without the sentinel's keys) and readings interleave; the
     cliff and velocity rules read only the former, the ratio only the latter."""

@@ -365,11 +365,13 @@ class Monitor:
         scalars."""
         if self.first_epoch_reaching(LEVELS[0]) is not None:
             return {}
-        readings = [r for r in self.readings if keys.SENTINEL_ALIGNMENT in r.metrics]
+        pair = (keys.SENTINEL_ALIGNMENT, keys.SENTINEL_TRAIN_ALIGNMENT)
+        readings = [r for r in self.readings if all(k in r.metrics for k in pair)]
         try:
             made = forecast(
                 [r.epoch for r in readings],
-                [r.metrics[keys.SENTINEL_ALIGNMENT] for r in readings],
+                [r.metrics[pair[0]] for r in readings],
+                [r.metrics[pair[1]] for r in readings],
                 epoch,
             )
         except Exception as err:  # monitoring never ends the user's run
