@@ -22,7 +22,7 @@ Three steps:
 
     python benchmarks/grokking_suite.py record --seeds 0-2 --control-seeds 0 --out DIR
     python benchmarks/grokking_suite.py choose --out DIR
-    python benchmarks/grokking_suite.py score --seeds 3-6 --control-seeds 1-2
+    python benchmarks/grokking_suite.py score --seeds 3-6 --control-seeds 1 --out DIR
 
 The digits setup needs scikit-learn (``pip install -e .[bench]``).
 """
@@ -115,12 +115,9 @@ def _fit(setup: str, seed: int, control: str | None, monitored: bool, out: str |
     from lightning_entk.probe import draw_probe_set
 
     torch.set_num_threads(1)
-    path = None
-    if out:
-        tag = "grok" if control is None else control.replace(" ", "_")
-        path = Path(out) / f"{setup}_{tag}_{seed}.json"
-        if path.exists():  # recorded already (by another process)
-            return json.loads(path.read_text())
+    path = _path(out, setup, seed, control) if out else None
+    if path is not None and path.exists():  # recorded already (by another process)
+        return json.loads(path.read_text())
     model, data = _build(setup, seed, control)
     goal = level(setup)
     sentinel = None
@@ -208,6 +205,17 @@ def _fit(setup: str, seed: int, control: str | None, monitored: bool, out: str |
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result))
     return result
+
+
+def _path(out: str, setup: str, seed: int, control: str | None) -> Path:
+    tag = "grok" if control is None else control.replace(" ", "_")
+    return Path(out) / f"{setup}_{tag}_{seed}.json"
+
+
+def _kept(out: str, setup: str, seed: int, control: str | None) -> dict | None:
+    """A run recorded already in ``out``, or ``None``."""
+    path = _path(out, setup, seed, control)
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def _fresh(*args) -> dict:
@@ -395,8 +403,18 @@ def standing(forecasts: list[dict], epoch: int) -> dict | None:
     return made[-1] if made and made[-1]["epoch"] is not None else None
 
 
-def score(setups, seeds, control_seeds, jobs: int) -> None:
+def score(setups, seeds, control_seeds, jobs: int, out: str) -> None:
+    """The held-out runs; each kept in ``out`` (a run found there is not run again)."""
     runs = runs_of(setups, seeds, control_seeds)
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(lambda r: _kept(out, *r) or _fresh(*r, True, out), runs))
+    table(out)
+
+
+def table(out: str) -> None:
+    """The held-out table, from the runs kept in ``out``."""
+    results = [json.loads(p.read_text()) for p in sorted(Path(out).glob("*.json"))]
+    results.sort(key=lambda r: (r["setup"], r["control"] is not None, r["seed"]))
     print(
         "held-out runs, ENTKMonitor() with no arguments; leads as a share of the way to "
         "generalisation (val_acc 0.5; parity 0.75); forecasts standing at 50% and 75% of it"
@@ -408,8 +426,6 @@ def score(setups, seeds, control_seeds, jobs: int) -> None:
     )
     print(header)
     print("-" * len(header))
-    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-        results = list(pool.map(lambda r: _fresh(r[0], r[1], r[2], True, None), runs))
     tally = {}
     for r in results:
         alarm = r["alarms"][0][0] if r["alarms"] else None
@@ -522,7 +538,7 @@ def _pct(value: float | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("step", choices=["record", "choose", "score"])
+    parser.add_argument("step", choices=["record", "choose", "score", "table"])
     parser.add_argument("--setups", default=",".join(_suite.SETUPS))
     parser.add_argument("--seeds", default="0-2")
     parser.add_argument("--control-seeds", default="0")
@@ -533,19 +549,15 @@ def main() -> None:
     if args.step == "choose":
         choose(args.out)
         return
+    if args.step == "table":
+        table(args.out)
+        return
     if args.step == "score":
-        score(setups, _seeds(args.seeds), _seeds(args.control_seeds), args.jobs)
+        score(setups, _seeds(args.seeds), _seeds(args.control_seeds), args.jobs, args.out)
         return
     if args.step == "record":
         runs = runs_of(setups, _seeds(args.seeds), _seeds(args.control_seeds))
-        todo = [
-            r
-            for r in runs
-            if not (
-                Path(args.out) / f"{r[0]}_{'grok' if r[2] is None else r[2].replace(' ', '_')}"
-                f"_{r[1]}.json"
-            ).exists()
-        ]
+        todo = [r for r in runs if not _path(args.out, *r).exists()]
         with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
             for r in pool.map(lambda r: _fresh(r[0], r[1], r[2], False, args.out), todo):
                 print(
