@@ -40,7 +40,6 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Protocol
 
-import matplotlib.image
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -55,6 +54,7 @@ from lightning_entk.kernel.budget import MemoryBudget
 from lightning_entk.kernel.options import check_projection_mode
 from lightning_entk.kernel.points import num_points, to_device
 from lightning_entk.milestones import first_epoch_reaching
+from lightning_entk.monitor import report
 from lightning_entk.monitor.sentinel import Reading, Sentinel
 from lightning_entk.monitor.sinks import Sink, as_sink, tensorboard_layout
 from lightning_entk.probe import (
@@ -73,10 +73,8 @@ from lightning_entk.schedule import (
 
 log = logging.getLogger("lightning_entk")
 
-SUMMARY_FILENAME = "entk_summary.png"
 # What a schedule does (schedule.Schedule).
 SCHEDULE_METHODS = ("due", "allows", "observe", "record", "affords", "state_dict")
-LEVELS = (0.5, 0.95)  # of the watched metric, in the summary
 
 
 class Collective(Protocol):
@@ -356,32 +354,7 @@ class Monitor:
         """A one-screen text summary: what the monitor cost beside training, when the watched
         metric crossed 0.5 and 0.95, each phase-transition signal with its lead, and the cliffs
         at the start and the end."""
-        lines = ["", "=" * 72, "eNTK monitor summary", "=" * 72]
-        trained, spent = self.clock.training_seconds(), self.clock.spent
-        if trained > 0:
-            share = self.monitor_seconds / trained
-            lines.append(
-                f"training {trained:.1f} s; monitor {self.monitor_seconds:.1f} s more ({share:.0%})"
-                f": {len(self.readings)} sentinel readings {spent.get('sentinel', 0.0):.1f} s, "
-                f"{len(self.history)} full evaluations {spent.get('evaluation', 0.0):.1f} s, "
-                f"images and figures {spent.get('images', 0.0):.1f} s"
-            )
-        key = self.accuracy_key
-        crossed = {level: self.first_epoch_reaching(level) for level in LEVELS}
-        for level, epoch in crossed.items():
-            seen = f"epoch {epoch}" if epoch is not None else "not reached"
-            lines.append(f"{key} >= {level:<5} first at {seen} (read at every epoch it was passed)")
-        lines.append(f"phase-transition signals: {len(self.transitions) or 'none raised'}")
-        for transition in self.transitions:
-            lines.append(f"    {transition.describe()}")
-            lines.append(f"        {describe_lead(transition.epoch, crossed[LEVELS[0]], key)}")
-        lines += describe_forecasts(self.forecasts, self.transitions, crossed[LEVELS[0]], key)
-        for label, record in (("start", self.history[:1]), ("end", self.history[-1:])):
-            for r in record:
-                ranks = ", ".join(f"{c.rank} (x{10**c.drop:.2f})" for c in r.cliffs) or "none"
-                lines.append(f"cliffs at {label:<5} (epoch {r.epoch:>4}): ranks {ranks}")
-        lines += ["", f"summary figure:   {self.summary_path or 'not written'}", "=" * 72]
-        return "\n".join(lines)
+        return report.summary_text(self)
 
     def summary_figure(self):
         """The spectrum's evolution over the full evaluations, cliffs marked; below, the
@@ -394,14 +367,7 @@ class Monitor:
             len(self.transitions),
         )
         if self._summary is None or self._summary[0] != drawn_for:
-            detector = self.early_warning
-            figure = plots.plot_history(
-                self.history, self.accuracy_key, self.transitions, self.readings, self.watched,
-                ratio_level=None if detector is None else detector.alignment_ratio,
-                min_train_alignment=0.0 if detector is None else detector.min_train_alignment,
-                forecasts=self.forecasts, actual=self.first_epoch_reaching(LEVELS[0]),
-            )  # fmt: skip
-            self._summary = (drawn_for, figure)
+            self._summary = (drawn_for, report.history_figure(self))
         return self._summary[1]
 
     def state_dict(self) -> dict:
@@ -475,7 +441,7 @@ class Monitor:
         """The forecast from the readings so far (kept when it says something, or when it
         stops saying something), until the watched metric has reached the level; its
         scalars."""
-        if self.first_epoch_reaching(LEVELS[0]) is not None:
+        if self.first_epoch_reaching(report.LEVELS[0]) is not None:
             return {}
         readings = [r for r in self.readings if keys.SENTINEL_ALIGNMENT in r.metrics]
         try:
@@ -648,11 +614,8 @@ class Monitor:
             if self.sink.images:
                 self.sink.figures({keys.EVOLUTION_IMAGE: image}, step)
             if self.sink.log_dir is not None:
-                path = Path(self.sink.log_dir) / SUMMARY_FILENAME
-                path.parent.mkdir(parents=True, exist_ok=True)
-                matplotlib.image.imsave(path, image)
-                self.summary_path = path
-                log.info(f"ENTKMonitor: summary figure saved to {path}")
+                self.summary_path = report.save_image(image, self.sink.log_dir)
+                log.info(f"ENTKMonitor: summary figure saved to {self.summary_path}")
         except Exception as err:
             self._warn(f"ENTKMonitor could not draw its summary figure: {err!r}")
 
@@ -727,46 +690,6 @@ class Monitor:
         device = next(self.model.parameters()).device
         features = dict(ground_truth(to_device(self.probe.x, device), self.mode))
         return features, bool(getattr(self.model, "entk_feature_pairs", False))
-
-
-def describe_forecasts(forecasts, transitions, crossed: int | None, key: str | None) -> list[str]:
-    """How the forecast of the epoch of ``key`` >= 0.5 moved: the first, at the first alarm,
-    and the last, each with its error against ``crossed`` when known."""
-    if not forecasts:
-        return [f"forecast of {key} >= 0.5: none made (nothing seen coming)"]
-    alarm = transitions[0].epoch if transitions else None
-    chosen = {"first": forecasts[0], "last": forecasts[-1]}
-    if alarm is not None:
-        at_alarm = [f for f in forecasts if f.made_at <= alarm]
-        if at_alarm:
-            chosen["at the first alarm"] = at_alarm[-1]
-    lines = [f"forecast of {key} >= 0.5 (actual: {'not reached' if crossed is None else crossed}):"]
-    for label in ("first", "at the first alarm", "last"):
-        if label in chosen:
-            f = chosen[label]
-            error = ""
-            if crossed is not None and f.epoch is not None:
-                error = f", {100 * (f.epoch - crossed) / crossed:+.0f}%"
-            lines.append(f"    {label:<19}{f.describe()}{error}")
-    return lines
-
-
-def describe_lead(alarm_epoch: int, crossed: int | None, key: str | None) -> str:
-    """How far ahead of the watched metric's crossing an alarm came.
-
-    Example:
-        >>> describe_lead(63, 85, "val_acc")
-        '22 epochs before val_acc >= 0.5 (26% of the 85 epochs to it): an early warning'
-    """
-    if crossed is None:
-        return f"{key} never reached 0.5 (so far)"
-    lead = crossed - alarm_epoch
-    if lead > 0:
-        return (
-            f"{lead} epochs before {key} >= 0.5 ({lead / crossed:.0%} of the {crossed} epochs "
-            "to it): an early warning"
-        )
-    return f"{-lead} epochs after {key} >= 0.5: not ahead of it"
 
 
 def check_monitor_options(
