@@ -114,15 +114,14 @@ def fit_bundled(
         "monitor": None,
     }
     if watcher is not None:
-        core = watcher.core
         result["monitor"] = {
-            "alarms": [(t.epoch, t.kind, t.group) for t in core.transitions],
-            "readings": len(core.readings),
-            "evaluations": len(core.history),
-            "spent": dict(core.clock.spent),
-            "evaluation_epochs": [r.epoch for r in core.history],
-            "forecasts": [vars(f) for f in core.forecasts],
-            "summary": core.summary(),
+            "alarms": [(t.epoch, t.kind, t.group) for t in watcher.transitions],
+            "readings": len(watcher.readings),
+            "evaluations": len(watcher.history),
+            "spent": dict(watcher.clock.spent),
+            "evaluation_epochs": [r.epoch for r in watcher.history],
+            "forecasts": [vars(f) for f in watcher.forecasts],
+            "summary": watcher.summary(),
         }
     return result
 
