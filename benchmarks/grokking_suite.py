@@ -108,9 +108,8 @@ def _fit(setup: str, seed: int, control: str | None, monitored: bool, out: str |
     import torch
     from lightning.pytorch import Callback
 
-    from lightning_entk import ENTKMonitor
+    from lightning_entk import ENTKMonitor, keys
     from lightning_entk.kernel import KernelOptions
-    from lightning_entk.monitor import keys
     from lightning_entk.monitor.sentinel import Sentinel
     from lightning_entk.probe import draw_probe_set
 
