@@ -58,7 +58,7 @@ from lightning_entk.kernel.options import (
     select_parameters,
 )
 from lightning_entk.kernel.plan import NTKPlan, ntk_plan
-from lightning_entk.kernel.points import ForwardFn, OutputFn, Points
+from lightning_entk.kernel.points import ForwardFn, NotDifferentiableError, OutputFn, Points
 
 MODES = ("full", "trace", "diagonal", "flatten")
 
@@ -73,6 +73,7 @@ __all__ = [
     "NTKContext",
     "NTKMethod",
     "NTKPlan",
+    "NotDifferentiableError",
     "OutputFn",
     "ParamSelection",
     "Points",
