@@ -13,10 +13,11 @@ Per architecture: the capture route and the parameters (and elements) on the gen
 from ``ntk_plan``, the default method's time on a first call and warm (the median of 3 calls
 after it, discovery kept), the baseline's time, their ratio (warm), peak resident memory added
 above model and data, and the kernels' relative difference. Each method runs in a fresh
-process.
+process. ``--float64-check`` adds each float32 kernel's error against the float64 kernel on 8
+points (the baseline's own float32 error dominates the relative difference).
 
     pip install transformers && python benchmarks/hf_models.py [--cases bert_base,gpt2_small]
-        [--jacobian-gib 6] [--package-jacobian]
+        [--jacobian-gib 6] [--package-jacobian] [--float64-check]
 
 prints a markdown table (``docs/benchmarks.md`` holds one, headed by the command).
 """
@@ -281,6 +282,21 @@ def plan(model, x, output_fn):
     return p.capture + reason, len(generic), len(p.parameters), elements, sum(sizes.values())
 
 
+def float64_errors(model, x, output_fn, points: int = 8) -> tuple[float, float]:
+    """On the first ``points`` points, the relative error of the default method's and of the
+    baseline's float32 kernels against the default method's float64 kernel (itself checked
+    against a float64 reference in the tests)."""
+    import copy
+
+    from torch.utils._pytree import tree_map
+
+    x = tree_map(lambda t: t[:points], x)
+    exact = default(copy.deepcopy(model).double(), x, output_fn)
+    ours = default(model, x, output_fn)
+    theirs, _ = torch_func(model, x, output_fn)
+    return relative_error(ours, exact), relative_error(theirs, exact)
+
+
 def main():
     try:
         import transformers
@@ -290,6 +306,7 @@ def main():
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--jacobian-gib", type=float, default=6.0)
     parser.add_argument("--package-jacobian", action="store_true")
+    parser.add_argument("--float64-check", action="store_true")
     args = parser.parse_args()
     os.environ[_GIB] = str(args.jacobian_gib)
     print(
@@ -300,6 +317,8 @@ def main():
               "| torch.func | ratio | default MiB | torch.func MiB | rel diff |")  # fmt: skip
     if args.package_jacobian:
         header += " method='jacobian' |"
+    if args.float64_check:
+        header += " default vs float64 | torch.func vs float64 |"
     print(header)
     print("|" + "---|" * header.count(" |"))
     for name in args.cases.split(","):
@@ -322,6 +341,9 @@ def main():
         if args.package_jacobian:
             own = measure(setup, package_jacobian, repeats=1, warmup=0)
             row += f" {own['seconds']:.2f} s |"
+        if args.float64_check:
+            ours, theirs = float64_errors(model, x, output_fn)
+            row += f" {ours:.1e} | {theirs:.1e} |"
         print(row, flush=True)
     print(f"\nload average after: {os.getloadavg()}")
 
