@@ -4,7 +4,7 @@ the default method against ``torch.func`` as users write it, trace mode, float32
 The baseline is the ``torch.func`` recipe for the empirical NTK: per-example Jacobians by
 ``vmap(jacrev(functional_call))`` over the points (a loop of ``jacrev`` over points where the
 model cannot run under ``vmap``: data-dependent code), flattened and contracted
-``J J^T``. Where the Jacobians of all points would pass ``--jacobian-gib`` (default 6 GiB),
+``J J^T``. Where the Jacobians of all points would pass ``--jacobian-gib`` (default 3 GiB),
 they are formed in chunks of points and only the diagonal blocks contracted: the time is then
 a *lower bound* of the baseline (marked ``>=``, so the ratio is one too). The package's own
 ``method="jacobian"`` (torch.func underneath, within a memory budget) stands beside it.
@@ -17,7 +17,7 @@ process. ``--float64-check`` adds each float32 kernel's error against the float6
 points (the baseline's own float32 error dominates the relative difference).
 
     pip install transformers && python benchmarks/hf_models.py [--cases bert_base,gpt2_small]
-        [--jacobian-gib 6] [--package-jacobian] [--float64-check]
+        [--jacobian-gib 3] [--package-jacobian] [--float64-check]
 
 prints a markdown table (``docs/benchmarks.md`` holds one, headed by the command).
 """
@@ -217,7 +217,7 @@ def torch_func(model, x, output_fn, max_bytes=None):
     from torch.func import functional_call, jacrev, vmap
     from torch.utils._pytree import tree_flatten, tree_map
 
-    max_bytes = max_bytes or int(float(os.environ.get(_GIB, 6)) * 2**30)
+    max_bytes = max_bytes or int(float(os.environ.get(_GIB, 3)) * 2**30)
     params = {k: v.detach() for k, v in model.named_parameters()}
     buffers = dict(model.named_buffers())
 
@@ -304,7 +304,7 @@ def main():
         sys.exit("benchmarks/hf_models.py needs `pip install transformers` (not a dependency).")
     parser = argparse.ArgumentParser()
     parser.add_argument("--cases", default=",".join(CASES))
-    parser.add_argument("--jacobian-gib", type=float, default=6.0)
+    parser.add_argument("--jacobian-gib", type=float, default=3.0)
     parser.add_argument("--package-jacobian", action="store_true")
     parser.add_argument("--float64-check", action="store_true")
     args = parser.parse_args()
