@@ -15,6 +15,7 @@ from user_models import (
     KeywordConv,
     OldStyleFunctionMLP,
     RelativeBiasAttention,
+    TokenRouting,
 )
 
 from lightning_entk import empirical_ntk, ntk_plan
@@ -48,6 +49,7 @@ CASES = {
         EXACT,
     ),
     "old_style_function": (OldStyleFunctionMLP, lambda: float_points(5, d=5), EXACT),
+    "token_routing": (TokenRouting, lambda: tokens(5, t=5), EXACT),
 }
 
 
@@ -157,3 +159,11 @@ def test_generic_route_float32_kernel_is_as_accurate_as_the_structured_route():
         return ((k - exact).norm() / exact.norm()).item()
 
     assert error(generic) <= 2 * error(structured)
+
+
+def test_ntk_plan_sends_parameters_of_point_dependent_shapes_to_the_generic_route():
+    """Routed tokens: each point's experts see another number of rows than discovery's point,
+    so no perturbation fits them; the structured parameters go generic, the kernel exact."""
+    model, x, _ = build("token_routing")
+    routes = ntk_plan(model, x).routes()
+    assert set(routes.values()) == {"generic"}

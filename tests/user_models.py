@@ -570,3 +570,24 @@ class KeywordConv(nn.Module):
         g = F.conv2d(h[:, None, :, None].expand(-1, 1, -1, 2), self.conv2.weight,
                      self.conv2.bias, padding="valid")  # fmt: skip
         return self.out(torch.tanh(g).flatten(1))
+
+
+class TokenRouting(nn.Module):
+    """Tokens routed by sign to one of two experts, each applied to the tokens it gets
+    (``x[idx]``, a data-dependent number of rows, then ``index_add_``), as mixture-of-experts
+    layers do: the operations' shapes differ from point to point."""
+
+    def __init__(self, vocab: int = 11, d: int = 6, classes: int = 3):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.experts = nn.ModuleList([nn.Linear(d, d), nn.Linear(d, d)])
+        self.out = nn.Linear(d, classes)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        h = self.embed(tokens)
+        flat = h.reshape(-1, h.shape[-1])
+        mixed = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            idx = ((flat[:, 0] > 0) == bool(e)).nonzero()[:, 0]
+            mixed = mixed.index_add(0, idx, torch.tanh(expert(flat[idx])))
+        return self.out(mixed.view_as(h).mean(1))

@@ -69,6 +69,10 @@ _INPLACE = {T.mul_, T.__imul__, T.add_, T.__iadd__, T.sub_, T.__isub__}
 _DESCEND = {F.multi_head_attention_forward}
 
 
+class ShapeChanged(RuntimeError):
+    """A pass whose operations differ from discovery's in number or shape."""
+
+
 class _View:
     """A view of a parameter: its name, the flat indices of its entries, a scale."""
 
@@ -87,6 +91,9 @@ class Capture(TorchFunctionMode):
         perturbations: ``None`` on a first pass (shapes only); after it, one tensor per
             operation, in the order of :attr:`z_shapes`, added to that operation's output.
         indices: name -> :func:`element_indices` of the parameter, when already made.
+        same_shapes: each operation's output must have its perturbation's shape (a pass over
+            one point, as discovery's): else :class:`ShapeChanged` (data-dependent shapes),
+            not a perturbation broadcast over a different output.
     """
 
     def __init__(
@@ -94,6 +101,7 @@ class Capture(TorchFunctionMode):
         params: dict[str, Tensor],
         perturbations: tuple | None = None,
         indices: dict[str, Tensor] | None = None,
+        same_shapes: bool = False,
     ) -> None:
         super().__init__()
         indices = indices or {}
@@ -102,6 +110,7 @@ class Capture(TorchFunctionMode):
             for name, p in params.items()
         }
         self.perturbations = perturbations
+        self.same_shapes = same_shapes
         self.dtype = next(iter(params.values())).dtype if params else None
         self.uses: list[Use] = []
         self.factors: list[Tensor] = []  # one per use of kind "dense" or "tokens", in order
@@ -419,6 +428,10 @@ class Capture(TorchFunctionMode):
                 self.factors.append(factor.to(self.dtype) if factor.is_floating_point() else factor)
         if self.perturbations is None:
             return y
+        if z >= len(self.perturbations) or (
+            self.same_shapes and self.perturbations[z].shape != y.shape
+        ):
+            raise ShapeChanged("an operation's output differs from discovery's")
         z = self.perturbations[z].to(y.dtype)  # the operation computes in its own dtype
         return y.add_(z) if inplace else y + z
 

@@ -382,14 +382,16 @@ class NTKContext:
     def _state(self) -> dict[str, Tensor]:
         return {f"model.{k}": v for k, v in {**self.params, **self.buffers}.items()}
 
-    def _capture(self, names: Iterable[str], perturbations: tuple | None = None) -> Capture:
+    def _capture(
+        self, names: Iterable[str], perturbations: tuple | None = None, same_shapes=False
+    ) -> Capture:
         """A capture watching the parameters ``names``; their element indices made once."""
         indices = self.discovery.indices
         for name in names:
             if name not in indices:
                 indices[name] = element_indices(self.params[name])
         watched = {name: self.params[name] for name in names}
-        return Capture(watched, perturbations, indices)
+        return Capture(watched, perturbations, indices, same_shapes)
 
     def _call_model(self, call, x: Points):
         """``call()``, a forward pass of points of ``x``; a failure of the model itself is a
@@ -607,11 +609,11 @@ class NTKContext:
         """
         like = next(iter(watched.values()))
         zs = [like.new_zeros(*s).requires_grad_() for s in structure.z_shapes]
-        capture = self._capture(watched, tuple(zs))
+        capture = self._capture(watched, tuple(zs), same_shapes=True)
         try:
             with torch.enable_grad():
                 out = self.forward(self.params, point, capture)
-        except (RuntimeError, IndexError) as err:
+        except RuntimeError as err:  # ShapeChanged included
             raise PointMismatch(_brief(err)) from err
         if len(capture.uses) != len(structure.uses):
             raise PointMismatch("the operations differ from point to point")
