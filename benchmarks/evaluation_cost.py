@@ -2,17 +2,15 @@
 
 Per model (the demo's model at initialization and its probe as ``ENTKMonitor()`` draws it:
 up to 1,024 points of the training and validation data), in a fresh process, each part timed
-alone (median of 5 after a warm-up):
+alone (median of 3 after a warm-up):
 
-* ``kernel``: the whole kernel and the parameter groups' kernels, one engine call;
-* ``whole spectrum``: eigenvalues (and eigenvectors when the evaluation keeps them) and cliffs;
-* ``whole signals``: kernel regression, kernel-target and held-out alignment, velocity;
-* ``groups``: each group's spectrum, cliffs and label signals;
-* ``overlaps``: the cliff segments' overlaps with the ground-truth features;
-* ``images``: one evaluation's figures, drawn and written to TensorBoard;
-* ``logging``: its scalars written to TensorBoard;
-* ``evaluation``: one whole full evaluation as the monitor makes it (images excluded, as
-  between the start and the end: they are drawn every 25th evaluation and at the end).
+the kernel (with the parameter groups' kernels in the same engine call, and the whole kernel
+alone), the whole kernel's eigenpairs or eigenvalues alone with its cliffs, its label signals
+(kernel regression, alignments) and velocity, the groups' spectra and signals, the overlaps of
+the eigenvectors with the ground-truth features, one evaluation's images and the summary
+figure (drawn and written to TensorBoard), the scalars written; and ``evaluate`` whole with
+every part (what each full evaluation was before) and with the whole kernel only (what an
+evaluation between the start and the end is now; the one at the end still has every part).
 
 and one training epoch of the demo under Lightning (validation and logging included: the
 epochs the issue counts), from a plain 40-epoch run.
@@ -32,7 +30,7 @@ import time
 import torch
 
 MODELS = ("mlp", "transformer")
-REPEATS = 5
+REPEATS = 3
 
 
 def timed(call, repeats: int = REPEATS) -> float:
@@ -53,6 +51,7 @@ def breakdown(model_name: str, threads: int | None) -> dict:
 
     from lightning_entk.evaluation import (
         ROUND_OFF_RTOL,
+        evaluate,
         kernel_velocity,
         label_metrics,
         segment_overlaps,
@@ -94,22 +93,27 @@ def breakdown(model_name: str, threads: int | None) -> dict:
     probe = draw_probe_set(data.train_set, data.val_set, DEFAULT_MAX_PROBE_POINTS)
     with tempfile.TemporaryDirectory() as log_dir:
         writer = SummaryWriter(log_dir)
-        monitor = Monitor(model, probe, sink=writer, sentinel=True, early_warning=True)
+        monitor = Monitor(model, probe, sink=writer)
         monitor.start()
-        probe = monitor.probe
-        options = monitor.engine
-        parts = {}
-        result = monitor._last_result
-        parts["kernel"] = timed(lambda: empirical_ntk(model, probe.x, options=options))
-        groups = empirical_ntk(model, probe.x, options=options)
+        probe, options, features = monitor.probe, monitor.engine, monitor._features
         dtype = compute_dtype(model)
-        whole = sum(groups.values()).to(dtype)
         rtol = ROUND_OFF_RTOL[dtype]
-        vectors = bool(monitor._features)
-        parts["whole spectrum"] = timed(lambda: spectrum_and_cliffs(whole, None, vectors))
-        _, cliffs, _ = spectrum_and_cliffs(whole, None, vectors)
+        whole_only = options.replace(groups=None)
+        parts = {}
+        parts["kernel, with the groups' (one engine call)"] = timed(
+            lambda: empirical_ntk(model, probe.x, options=options)
+        )
+        parts["kernel, whole only"] = timed(
+            lambda: empirical_ntk(model, probe.x, options=whole_only)
+        )
+        groups = empirical_ntk(model, probe.x, options=options)
+        whole = sum(groups.values()).to(dtype)
+        parts["eigenpairs (eigh) and cliffs"] = timed(
+            lambda: spectrum_and_cliffs(whole, None, True)
+        )
+        parts["eigenvalues (eigvalsh) and cliffs"] = timed(lambda: spectrum_and_cliffs(whole, None))
         previous = whole.clone()
-        parts["whole signals"] = timed(
+        parts["label signals and velocity"] = timed(
             lambda: (label_metrics(whole, probe, "trace", rtol), kernel_velocity(previous, whole))
         )
 
@@ -118,33 +122,40 @@ def breakdown(model_name: str, threads: int | None) -> dict:
                 spectrum_and_cliffs(part.to(dtype), None)
                 label_metrics(part.to(dtype), probe, "trace", rtol)
 
-        parts["groups"] = timed(group_signals)
-        if vectors:
-            spectrum, _, _ = spectrum_and_cliffs(whole, None, True)
-            parts["overlaps"] = timed(
-                lambda: segment_overlaps(spectrum.eigenvectors, cliffs, monitor._features)
+        parts[f"{len(groups)} groups' spectra and signals"] = timed(group_signals)
+        if features:
+            spectrum, cliffs, _ = spectrum_and_cliffs(whole, None, True)
+            parts["feature overlaps"] = timed(
+                lambda: segment_overlaps(spectrum.eigenvectors, cliffs, features)
             )
+        result = monitor._last_result
         step = [1]
 
         def images():
             step[0] += 1
             monitor._draw_images(result, step[0])
 
-        parts["images"] = timed(images, 3)
+        parts["one evaluation's images, drawn and written"] = timed(images, 3)
+        parts["summary figure, drawn and written"] = timed(
+            lambda: (setattr(monitor, "_summary", None), monitor._write_summary_figure(1)), 3
+        )
         scalars = {k: v for k, v in monitor.history[-1].metrics.items() if k.startswith("entk/")}
 
         def logging():
             step[0] += 1
             monitor.sink.scalars(scalars, step[0])
 
-        parts["logging"] = timed(logging)
-        monitor.image_every_n_evaluations = 0
-
-        def evaluation():
-            step[0] += 1
-            monitor._full_evaluation(step[0], step[0], final=False)
-
-        parts["evaluation"] = timed(evaluation)
+        parts["scalars written"] = timed(logging)
+        for label, detail in (
+            ("whole evaluation, every part (each evaluation before)", True),
+            ("whole evaluation, whole kernel only (in the window, after)", False),
+        ):
+            parts[label] = timed(
+                lambda detail=detail: evaluate(
+                    model, probe, options=options, features=features, detail=detail,
+                    previous_kernel=previous,
+                )
+            )  # fmt: skip
         writer.close()
     return {
         "parts": parts,

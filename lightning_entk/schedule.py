@@ -43,13 +43,16 @@ until the forecast's high end, and after it for as long as the watched metric st
 more than ``tolerance`` since the last full evaluation), the schedule is in the *window*: a full
 evaluation falls due at the alarm, then every
 
-    gap = max((high - now) / WINDOW_EVALUATIONS, cost / (WINDOW_SHARE * seconds per epoch))
+    gap = max((high - now) / WINDOW_EVALUATIONS, least)
+    least = min(cost / (WINDOW_SHARE * seconds per epoch), high - alarm)
 
 epochs (the least gap while the watched metric moves), so that several evaluations come before
-the forecast epoch however early the alarm, yet at least their cost over ``WINDOW_SHARE`` of
-the training time apart. The window's first ``burst`` evaluations are made whatever the budget
-(a transition seen only afterwards is what the monitor is for); later ones, and all outside
-the window, when the budget allows, so the window is paid back on the quiet stretches after.
+the forecast epoch however early the alarm, at least their cost over ``WINDOW_SHARE`` of the
+training time apart, but never further apart than the alarm from the forecast's high end, so
+that a window of dear evaluations is still sampled. The window's first ``burst`` evaluations
+are made whatever the budget (a transition seen only afterwards is what the monitor is for);
+later ones, and all outside the window, when the budget allows, so the window is paid back on
+the quiet stretches after.
 A fixed cadence has no window: it replaces the placement.
 """
 
@@ -360,6 +363,10 @@ class TimeBudget:
         least = 1.0
         if trained > 0 and epoch > 0:
             least = self._cost() / (WINDOW_SHARE * trained / epoch)
+        if high is not None and high > state["alarm"]:
+            # Dear evaluations still sample the window: never further apart than the alarm
+            # from the forecast's high end (their number is bounded by ``burst``).
+            least = min(least, high - state["alarm"])
         return max(wanted, least, 1.0) * per_epoch
 
     def record(self, step: int, cost: float, metrics: Mapping[str, float], clock: Clock):

@@ -320,6 +320,7 @@ class Monitor:
                 ratio_level=None if detector is None else detector.alignment_ratio,
                 min_train_alignment=0.0 if detector is None else detector.min_train_alignment,
                 forecasts=self.forecasts, actual=self.first_epoch_reaching(LEVELS[0]),
+                first_seen=self.new_cliffs(),
             )  # fmt: skip
             self._summary = (drawn_for, figure)
         return self._summary[1]
