@@ -50,16 +50,16 @@ def breakdown(model_name: str, threads: int | None) -> dict:
     from torch.utils.tensorboard import SummaryWriter
 
     from lightning_entk.evaluation import (
-        ROUND_OFF_RTOL,
         evaluate,
-        kernel_velocity,
         label_metrics,
         segment_overlaps,
         spectrum_and_cliffs,
     )
-    from lightning_entk.kernel import compute_dtype, empirical_ntk
+    from lightning_entk.kernel import empirical_ntk
+    from lightning_entk.kernel.options import compute_dtype
     from lightning_entk.monitor import Monitor
     from lightning_entk.probe import DEFAULT_MAX_PROBE_POINTS, draw_probe_set
+    from lightning_entk.signals import ROUND_OFF_RTOL, kernel_velocity
 
     if threads is not None:
         torch.set_num_threads(threads)

@@ -19,9 +19,10 @@ ALIGNMENT = "entk/kernel_target_alignment"
 
 def main() -> None:
     from example_modules.modular_arithmetic import ModularArithmeticDataModule, ModularArithmeticMLP
-    from lightning_entk.evaluation import ROUND_OFF_RTOL, label_metrics, spectrum_and_cliffs
+    from lightning_entk.evaluation import label_metrics, spectrum_and_cliffs
     from lightning_entk.kernel import empirical_ntk
     from lightning_entk.probe import DEFAULT_MAX_PROBE_POINTS, draw_probe_set
+    from lightning_entk.signals import ROUND_OFF_RTOL
 
     torch.manual_seed(0)
     data = ModularArithmeticDataModule()

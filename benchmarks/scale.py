@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from lightning_entk import Spectrum, empirical_ntk, ntk_spectrum
-from lightning_entk.kernel import KernelOptions, ntk_context
+from lightning_entk.kernel import KernelOptions
+from lightning_entk.kernel.context import ntk_context
 
 from _harness import measure, relative_error
 

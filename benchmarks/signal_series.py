@@ -57,9 +57,9 @@ def record_run(model_name: str, kind: str, seed: int, extra: dict, out: str) -> 
     import torch
     from lightning.pytorch import Callback
 
-    from lightning_entk.evaluation import debiased_alignment, kernel_regression_accuracy
     from lightning_entk.kernel.options import automatic_groups
     from lightning_entk.probe import draw_probe_set
+    from lightning_entk.signals import debiased_alignment, kernel_regression_accuracy
 
     torch.set_num_threads(1)
     if model_name == "mlp":

@@ -25,7 +25,8 @@ import torch
 
 from example_modules.toy_superposition import SuperpositionDataModule, ToyModelOfSuperposition
 from lightning_entk import ntk_spectrum
-from lightning_entk.kernel import KernelOptions, ntk_context
+from lightning_entk.kernel import KernelOptions
+from lightning_entk.kernel.context import ntk_context
 
 from _harness import measure, relative_error
 

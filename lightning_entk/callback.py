@@ -17,9 +17,9 @@ from lightning.pytorch import Callback, LightningDataModule, LightningModule, Tr
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_entk import keys
 from lightning_entk.early_warning import EarlyWarning, PhaseTransition
 from lightning_entk.kernel import KernelOptions
-from lightning_entk.monitor import keys
 from lightning_entk.monitor.core import Monitor, check_monitor_options, preserved_rng
 from lightning_entk.monitor.sentinel import Sentinel
 from lightning_entk.monitor.sinks import TensorBoardSink
@@ -37,7 +37,7 @@ class ENTKMonitor(Callback):
     placed within a time budget, dense where the sentinel moves (or at a fixed cadence, when
     one is set); the kernel at initialization and at the end of training is always evaluated.
     See :class:`~lightning_entk.monitor.Monitor` for what is logged and
-    :mod:`~lightning_entk.monitor.keys` for the keys. With a ``TensorBoardLogger`` the monitor
+    :mod:`~lightning_entk.keys` for the keys. With a ``TensorBoardLogger`` the monitor
     adds a Custom Scalars layout, histograms and images, and at the end of fit saves the
     summary figure as ``entk_summary.png`` in the logger's directory.
 

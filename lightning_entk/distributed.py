@@ -15,13 +15,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from lightning_entk.kernel import (
-    KernelOptions,
-    compute_dtype,
-    empirical_ntk,
-    num_outputs,
-    projection_matrix,
-)
+from lightning_entk.kernel import KernelOptions, empirical_ntk
+from lightning_entk.kernel.context import num_outputs
+from lightning_entk.kernel.options import compute_dtype, projection_matrix
 from lightning_entk.kernel.points import Points, num_points, take
 
 

@@ -37,7 +37,7 @@ Every rule is stated in epochs and steps, not in evaluations, so that it means t
 fixed cadence and under the uneven spacing of a time budget. The detector takes full
 evaluations (:class:`EvaluationRecord`, with cliffs) and sentinel readings (with ``cliffs``
 ``None``) in the order they were made; each rule reads the keys it needs
-(:mod:`~lightning_entk.monitor.keys`).
+(:mod:`~lightning_entk.keys`).
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from lightning_entk import keys
 from lightning_entk.cliffs import Cliff
-from lightning_entk.monitor import keys
 
 
 @dataclass

@@ -24,8 +24,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter
 from matplotlib.transforms import blended_transform_factory
 
+from lightning_entk import keys
 from lightning_entk.alignment import feature_alignment
-from lightning_entk.monitor import keys
 
 FIGSIZE = (8.0, 5.0)  # inches; at DPI a 800 x 500 image, legible in TensorBoard's image panel
 DPI = 100

@@ -65,12 +65,11 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Protocol
 
-from lightning_entk.monitor import keys
+from lightning_entk import keys
 
 DEFAULT_MAX_OVERHEAD = 0.1  # the monitor's seconds, sentinel included, over training's
 # The signals whose change sets the gap: the key itself or ``entk/<group>/<signal>``.
-MOVING_SIGNALS = ("kernel_regression_acc", "kernel_target_alignment")
-VELOCITY = "kernel_velocity"
+MOVING_SIGNALS = (keys.KERNEL_REGRESSION_ACC, keys.KERNEL_TARGET_ALIGNMENT, keys.KERNEL_VELOCITY)
 QUIET_PACE = 2  # on quiet stretches, gaps up to this many times the budget's even pace
 WINDOW_EVALUATIONS = 4  # in the transition window: evaluations wanted before the forecast's end
 WINDOW_SHARE = 0.5  # in the window, evaluations at least their cost over this share apart
@@ -412,11 +411,10 @@ class TimeBudget:
 def moving_signals(metrics: Mapping[str, float]) -> dict[str, float]:
     """The scalars whose change sets :class:`TimeBudget`'s gap, of the whole kernel, of each
     parameter group and of the sentinel."""
-    names = (*MOVING_SIGNALS, VELOCITY)
     found = {
         k: float(v)
         for k, v in metrics.items()
-        if k.startswith(keys.PREFIX) and k.rsplit("/", 1)[-1] in names and math.isfinite(v)
+        if k.startswith(keys.PREFIX) and keys.ungrouped(k) in MOVING_SIGNALS and math.isfinite(v)
     }
     value = metrics.get(keys.SENTINEL_ALIGNMENT)
     if value is not None and math.isfinite(value):
@@ -436,9 +434,10 @@ def signal_change(
         ...               {"entk/kernel_regression_acc": 0.5, "entk/kernel_velocity": 0.125})
         0.25
     """
+    velocity = {k for k in current if keys.ungrouped(k) == keys.KERNEL_VELOCITY}
     changes = [
-        v if k.endswith(VELOCITY) else abs(v - previous[k])
+        v if k in velocity else abs(v - previous[k])
         for k, v in current.items()
-        if (k.endswith(VELOCITY) and not differences_only) or k in previous
+        if (k in velocity and not differences_only) or k in previous
     ]
     return max(changes) if changes else None

@@ -32,8 +32,10 @@ import torch
 from scipy.sparse.linalg import LinearOperator, eigsh
 from torch import Tensor, nn
 
-from lightning_entk.kernel import Jacobian, KernelOptions, check_projection_mode, ntk_context
-from lightning_entk.kernel.options import check_choice
+from lightning_entk.kernel import KernelOptions
+from lightning_entk.kernel.context import ntk_context
+from lightning_entk.kernel.factors import Jacobian
+from lightning_entk.kernel.options import check_choice, check_projection_mode
 from lightning_entk.kernel.points import Points
 
 SPECTRUM_MODES = ("trace", "flatten")

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_entk import ENTKMonitor, FixedCadence, KernelOptions, Monitor, PhaseTransition
-from lightning_entk.kernel import MemoryBudget
+from lightning_entk.kernel.budget import MemoryBudget
 from lightning_entk.probe import ProbeSet
 
 

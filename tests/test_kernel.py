@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_entk import empirical_ntk
-from lightning_entk.kernel import num_outputs
+from lightning_entk.kernel.context import num_outputs
 
 from reference import brute_force_ntk
 

@@ -10,8 +10,8 @@ from test_kernel_ops import CASES, build, per_parameter_jacobians, tokens
 from torch import Tensor, nn
 
 from lightning_entk import empirical_ntk, ntk_plan, ntk_spectrum
-from lightning_entk.kernel import KernelOptions, factors, ntk_context
-from lightning_entk.kernel.context import PointsDim
+from lightning_entk.kernel import KernelOptions, factors
+from lightning_entk.kernel.context import PointsDim, ntk_context
 from lightning_entk.kernel.factors import TiedBlock
 
 from reference import brute_force_ntk

@@ -16,7 +16,8 @@ from example_modules.modular_arithmetic import (
 from example_modules.modular_transformer import ModularTransformer, ModularTransformerDataModule
 from lightning_entk import empirical_ntk
 from lightning_entk.callback import ENTKMonitor
-from lightning_entk.kernel import KernelOptions, ntk_context
+from lightning_entk.kernel import KernelOptions
+from lightning_entk.kernel.context import ntk_context
 
 from reference import brute_force_ntk
 

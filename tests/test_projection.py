@@ -10,7 +10,8 @@ from test_kernel import CASES, MLP, assert_relative_close, float_points
 from torch import nn
 
 from lightning_entk import Spectrum, empirical_ntk, ntk_spectrum
-from lightning_entk.kernel import num_outputs, projection_matrix
+from lightning_entk.kernel.context import num_outputs
+from lightning_entk.kernel.options import projection_matrix
 
 from reference import brute_force_ntk
 

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from lightning_entk import KernelOptions, ProbeSet, Sentinel
-from lightning_entk.evaluation import debiased_alignment
 from lightning_entk.schedule import Clock
+from lightning_entk.signals import debiased_alignment
 
 from reference import brute_force_ntk, double
 

@@ -25,8 +25,9 @@ the paper's numbers; the claims are checked and reported as PASS or FAIL, never 
 The modules:
 
     runner   configurations, training and recording: run_modular, run_tms -> dataclasses
-    paper    the paper's constants, expected_cliff_ranks and check_claims
-    report   results.md (render_results_markdown, headline) and the figures (write_figures)
+    paper    the paper's constants and expected_cliff_ranks
+    report   check_claims; results.md (render_results_markdown, headline); the figures
+             (write_figures)
     cli      reproduce (all of the above, into a folder) and main, the command line
 
 Every public name of these modules is re-exported here.
@@ -48,13 +49,13 @@ from example_modules.reproduce.paper import (
     SEGMENT_FAMILIES,
     TOP_MODES,
     Check,
-    check_claims,
     expected_cliff_ranks,
     format_ranks,
 )
 from example_modules.reproduce.report import (
     OVERLAP_TABLE_FRACTIONS,
     RESULTS_FILENAME,
+    check_claims,
     headline,
     modular_headline_rows,
     paper_tms_agreement,

@@ -1,8 +1,8 @@
 """The whole reproduction and its command line, ``python -m example_modules.reproduce``.
 
 :func:`reproduce` runs both experiments (:mod:`example_modules.reproduce.runner`), checks the
-paper's claims (:mod:`example_modules.reproduce.paper`) and writes the report
-(:mod:`example_modules.reproduce.report`); :func:`main` parses the arguments, runs it and prints
+paper's claims (:mod:`example_modules.reproduce.paper`) and writes the report, both by
+:mod:`example_modules.reproduce.report`; :func:`main` parses the arguments, runs it and prints
 the headline tables and the claims.
 """
 
@@ -16,9 +16,9 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from example_modules.reproduce.paper import check_claims
 from example_modules.reproduce.report import (
     RESULTS_FILENAME,
+    check_claims,
     headline,
     render_results_markdown,
     write_figures,

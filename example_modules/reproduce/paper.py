@@ -3,18 +3,14 @@ NTK", arXiv:2510.00468), as this reproduction reads them.
 
 Constants: which cliff segment is compared with which Fourier families, the claims' thresholds,
 and the paper's reported numbers (docs/design.md, section 'The bundled experiments').
-:func:`expected_cliff_ranks` gives the paper's cliff ranks for a modulus; :func:`check_claims`
-checks the claims against a run of :func:`~example_modules.reproduce.runner.run_modular`.
+:func:`expected_cliff_ranks` gives the paper's cliff ranks for a modulus; the claims are checked
+against a run by :func:`~example_modules.reproduce.report.check_claims`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from example_modules.reproduce.runner import ModularResult
 
 # Cliff segments and the Fourier families each is compared with (arXiv:2510.00468, section 4).
 SEGMENT_FAMILIES = (("a", "b"), ("sum", "diff"))
@@ -76,35 +72,3 @@ def format_ranks(ranks: Sequence[int] | None) -> str:
     if ranks is None:
         return "not evaluated"
     return ", ".join(str(r) for r in ranks) if ranks else "none"
-
-
-def check_claims(modular: ModularResult) -> list[Check]:
-    """The paper's claims about the modular MLP, checked against a run."""
-    r1, r2 = modular.expected_ranks
-    seg1, seg2 = modular.segments
-    first, last = modular.overlaps[0], modular.overlaps[-1]
-    worst = min(modular.overlaps, key=lambda o: o.overlaps[0])
-    return [
-        Check(
-            f"cliffs at ranks {r1} and {r2} after training",
-            {r1, r2} <= set(modular.ranks_end),
-            f"found {format_ranks(modular.ranks_end)}",
-        ),
-        Check(
-            f"cliff 1 (eigenvectors {seg1}) overlaps (a, b) >= {CLIFF1_OVERLAP_MIN} throughout",
-            worst.overlaps[0] >= CLIFF1_OVERLAP_MIN,
-            f"lowest {worst.overlaps[0]:.3f}, at epoch {worst.epoch}",
-        ),
-        Check(
-            f"cliff 2 (eigenvectors {seg2}) overlaps (sum, diff) >= {CLIFF2_OVERLAP_END_MIN} at "
-            "the end",
-            last.overlaps[1] >= CLIFF2_OVERLAP_END_MIN,
-            f"{last.overlaps[1]:.3f} at epoch {last.epoch}",
-        ),
-        Check(
-            f"cliff 2 (eigenvectors {seg2}) overlaps (sum, diff) < {CLIFF2_OVERLAP_INIT_MAX} at "
-            "initialization",
-            first.overlaps[1] < CLIFF2_OVERLAP_INIT_MAX,
-            f"{first.overlaps[1]:.3f} at epoch {first.epoch}",
-        ),
-    ]

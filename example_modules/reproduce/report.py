@@ -1,10 +1,10 @@
 """The report of the reproduction: ``results.md`` and the PNG figures.
 
-:func:`render_results_markdown` writes every number of a
-:class:`~example_modules.reproduce.runner.ReproductionResults` beside the paper's
-(:mod:`example_modules.reproduce.paper`) with whether they agree; :func:`headline` is the part
-printed at the end of a run; :func:`write_figures` saves the spectra, the alignment heatmaps and
-the overlaps over training (:func:`plot_overlaps`).
+:func:`check_claims` checks the paper's claims against a run; :func:`render_results_markdown`
+writes every number of a :class:`~example_modules.reproduce.runner.ReproductionResults` beside
+the paper's (:mod:`example_modules.reproduce.paper`) with whether they agree; :func:`headline`
+is the part printed at the end of a run; :func:`write_figures` saves the spectra, the alignment
+heatmaps and the overlaps over training (:func:`plot_overlaps`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 
 from example_modules.reproduce.paper import (
     CLIFF1_OVERLAP_MIN,
+    CLIFF2_OVERLAP_END_MIN,
     CLIFF2_OVERLAP_INIT_MAX,
     GROKKED_ACCURACY,
     HALF_ACCURACY,
@@ -30,6 +31,7 @@ from example_modules.reproduce.paper import (
     PAPER_TMS_RECONSTRUCTED,
     SEGMENT_FAMILIES,
     TOP_MODES,
+    Check,
     format_ranks,
 )
 from lightning_entk import plots
@@ -41,6 +43,42 @@ if TYPE_CHECKING:
 RESULTS_FILENAME = "results.md"
 OVERLAP_TABLE_FRACTIONS = (0.0, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 1.0)
 """Epochs of the overlap table, as fractions of the run: dense around the paper's grokking."""
+
+
+# --------------------------------------------------------------------------------------------
+# Claims
+
+
+def check_claims(modular: ModularResult) -> list[Check]:
+    """The paper's claims about the modular MLP, checked against a run."""
+    r1, r2 = modular.expected_ranks
+    seg1, seg2 = modular.segments
+    first, last = modular.overlaps[0], modular.overlaps[-1]
+    worst = min(modular.overlaps, key=lambda o: o.overlaps[0])
+    return [
+        Check(
+            f"cliffs at ranks {r1} and {r2} after training",
+            {r1, r2} <= set(modular.ranks_end),
+            f"found {format_ranks(modular.ranks_end)}",
+        ),
+        Check(
+            f"cliff 1 (eigenvectors {seg1}) overlaps (a, b) >= {CLIFF1_OVERLAP_MIN} throughout",
+            worst.overlaps[0] >= CLIFF1_OVERLAP_MIN,
+            f"lowest {worst.overlaps[0]:.3f}, at epoch {worst.epoch}",
+        ),
+        Check(
+            f"cliff 2 (eigenvectors {seg2}) overlaps (sum, diff) >= {CLIFF2_OVERLAP_END_MIN} at "
+            "the end",
+            last.overlaps[1] >= CLIFF2_OVERLAP_END_MIN,
+            f"{last.overlaps[1]:.3f} at epoch {last.epoch}",
+        ),
+        Check(
+            f"cliff 2 (eigenvectors {seg2}) overlaps (sum, diff) < {CLIFF2_OVERLAP_INIT_MAX} at "
+            "initialization",
+            first.overlaps[1] < CLIFF2_OVERLAP_INIT_MAX,
+            f"{first.overlaps[1]:.3f} at epoch {first.epoch}",
+        ),
+    ]
 
 
 # --------------------------------------------------------------------------------------------

@@ -43,9 +43,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from lightning_entk.kernel.budget import DEFAULT_MEMORY_BUDGET, MemoryBudget
-from lightning_entk.kernel.context import NTKContext, ntk_context, num_outputs
-from lightning_entk.kernel.factors import Jacobian
+from lightning_entk.kernel.budget import DEFAULT_MEMORY_BUDGET
+from lightning_entk.kernel.context import ntk_context
 from lightning_entk.kernel.options import (
     Groups,
     KernelOptions,
@@ -53,37 +52,27 @@ from lightning_entk.kernel.options import (
     ParamSelection,
     check_choice,
     check_projection_mode,
-    compute_dtype,
-    projection_matrix,
-    select_parameters,
 )
 from lightning_entk.kernel.plan import NTKPlan, ntk_plan
 from lightning_entk.kernel.points import ForwardFn, OutputFn, Points
 
 MODES = ("full", "trace", "diagonal", "flatten")
 
+# The public API; the package's own modules import what else they need from where it is
+# defined.
 __all__ = [
     "DEFAULT_MEMORY_BUDGET",
     "MODES",
     "ForwardFn",
     "Groups",
-    "Jacobian",
     "KernelOptions",
-    "MemoryBudget",
-    "NTKContext",
     "NTKMethod",
     "NTKPlan",
     "OutputFn",
     "ParamSelection",
     "Points",
-    "check_projection_mode",
-    "compute_dtype",
     "empirical_ntk",
-    "ntk_context",
     "ntk_plan",
-    "num_outputs",
-    "projection_matrix",
-    "select_parameters",
 ]
 
 

@@ -45,15 +45,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_entk import plots
+from lightning_entk import keys, plots
 from lightning_entk.distributed import combine_shares, failed_share, kernel_share
 from lightning_entk.early_warning import EarlyWarning, EvaluationRecord, PhaseTransition
 from lightning_entk.evaluation import Evaluation, evaluate, probe_within_budget
 from lightning_entk.forecast import Forecast, forecast
-from lightning_entk.kernel import KernelOptions, MemoryBudget, ntk_plan
+from lightning_entk.kernel import KernelOptions, ntk_plan
+from lightning_entk.kernel.budget import MemoryBudget
+from lightning_entk.kernel.options import check_projection_mode
 from lightning_entk.kernel.points import num_points, to_device
 from lightning_entk.milestones import first_epoch_reaching, new_ranks_first_seen
-from lightning_entk.monitor import keys
 from lightning_entk.monitor.sentinel import Reading, Sentinel
 from lightning_entk.monitor.sinks import Sink, as_sink, tensorboard_layout
 from lightning_entk.probe import ProbeSet, as_probe_set
@@ -714,8 +715,6 @@ def check_monitor_options(
     if kernel is not None and not isinstance(kernel, KernelOptions):
         raise ValueError(f"`kernel` must be a KernelOptions or None, got {type(kernel).__name__}.")
     if kernel is not None:
-        from lightning_entk.kernel import check_projection_mode
-
         check_projection_mode(kernel.output_projections, mode)
     for name, value, kind in (
         ("sentinel", sentinel, Sentinel),

@@ -8,7 +8,7 @@ For a linear readout ``y = W h + b`` its trace eNTK is ``C (h(x) . h(x') + 1)``:
 pass and one Gram matrix. The sentinel computes exactly that kernel, through the engine (so a
 tied, transposed or non-linear readout is exact too, and discovery is paid once), on the
 held-out probe points and on a few training probe points, and from each the debiased
-alignment with the labels (:func:`~lightning_entk.evaluation.debiased_alignment`): how far the
+alignment with the labels (:func:`~lightning_entk.signals.debiased_alignment`): how far the
 features feeding the output line up with labels the network was not trained on, and with those
 it was. Their ratio says how much of what the readout has learned carries over to new points.
 
@@ -30,19 +30,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from lightning_entk.evaluation import MIN_DEBIASED_POINTS, debiased_alignment
-from lightning_entk.kernel import (
-    KernelOptions,
-    ParamSelection,
-    empirical_ntk,
-    num_outputs,
-    select_parameters,
-)
-from lightning_entk.kernel.options import automatic_groups
+from lightning_entk import keys
+from lightning_entk.kernel import KernelOptions, ParamSelection, empirical_ntk
+from lightning_entk.kernel.context import num_outputs
+from lightning_entk.kernel.options import automatic_groups, select_parameters
 from lightning_entk.kernel.points import num_points, take, to_device
-from lightning_entk.monitor import keys
 from lightning_entk.probe import ProbeSet, seeded_choice
 from lightning_entk.schedule import Clock
+from lightning_entk.signals import MIN_DEBIASED_POINTS, debiased_alignment
 
 DEFAULT_SHARE = 0.05  # of the training time, at most: half the default time budget
 READINGS_PER_EPOCH = 10  # at most, on long epochs
@@ -55,7 +50,7 @@ MAX_OUTPUTS = 64  # more outputs (a language model's vocabulary): estimated from
 @dataclass
 class Reading:
     """One sentinel reading: completed ``epoch``, optimizer ``step``, and its ``entk/sentinel/``
-    scalars (:mod:`~lightning_entk.monitor.keys`)."""
+    scalars (:mod:`~lightning_entk.keys`)."""
 
     epoch: int
     step: int

@@ -21,7 +21,8 @@ from typing import Protocol
 import numpy as np
 from matplotlib.figure import Figure
 
-from lightning_entk.monitor import keys
+from lightning_entk import keys
+from lightning_entk.plots import figure_to_array
 
 
 class Sink(Protocol):
@@ -95,8 +96,6 @@ class TensorBoardSink:
         self.writer.add_text(tag, text, step)
 
     def figures(self, figures: Mapping[str, Figure | np.ndarray], step: int) -> None:
-        from lightning_entk.plots import figure_to_array
-
         for tag, figure in figures.items():
             image = figure if isinstance(figure, np.ndarray) else figure_to_array(figure)
             self.writer.add_image(tag, image, step, dataformats="HWC")

@@ -101,6 +101,16 @@ def of_group(group: str, key: str) -> str:
     return f"{PREFIX}{group}/{key.removeprefix(PREFIX)}"
 
 
+def ungrouped(key: str) -> str:
+    """``key`` without its parameter group: ``entk/<group>/<name>`` -> ``entk/<name>``.
+
+    Example:
+        >>> ungrouped(of_group("unembed", KERNEL_VELOCITY)) == ungrouped(KERNEL_VELOCITY)
+        True
+    """
+    return PREFIX + key.rsplit("/", 1)[-1]
+
+
 def readout_group(group_of: Mapping[str, str]) -> str:
     """The readout among parameter groups (parameter name -> group, in the model's parameter
     order): the group of the last parameter, the output layer or the unembedding in the
