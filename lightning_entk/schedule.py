@@ -143,6 +143,8 @@ class Schedule(Protocol):
         self, step: int, epoch: int, alarm: int | None, high: float | None, watched: float | None
     ) -> None: ...
 
+    def in_window(self) -> bool: ...
+
     def record(self, step: int, cost: float, metrics: Mapping[str, float], clock: Clock): ...
 
     def affords(self, seconds: float, clock: Clock) -> bool: ...
@@ -192,6 +194,9 @@ class FixedCadence:
         self, step: int, epoch: int, alarm: int | None, high: float | None, watched: float | None
     ) -> None:
         pass
+
+    def in_window(self) -> bool:
+        return False
 
     def record(self, step: int, cost: float, metrics: Mapping[str, float], clock: Clock):
         pass

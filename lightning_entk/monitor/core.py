@@ -421,9 +421,10 @@ class Monitor:
     # Full evaluations
 
     def _full_evaluation(self, step: int, epoch: int, final: bool) -> None:
-        # The groups, eigenvectors and feature overlaps at the start, the end and with images;
-        # in between the whole kernel's spectrum, cliffs and signals (evaluation.evaluate).
-        detail = final or not self.history or self._images_due(final)
+        # In the transition window the whole kernel's spectrum, cliffs and signals only (the
+        # groups, eigenvectors and feature overlaps are more than half an evaluation's cost);
+        # everywhere else, at the end and with images everything (evaluation.evaluate).
+        detail = final or self._images_due(final) or not self.schedule.in_window()
         with self.clock.charge("evaluation"):
             began = self.clock.now()
             kernel = self._shared_kernel() if self.collective.world_size > 1 else None
