@@ -118,17 +118,16 @@ def fit_bundled(
         "monitor": None,
     }
     if watcher is not None:
-        core = watcher.core
         result["monitor"] = {
-            "alarms": [(t.epoch, t.kind, t.group) for t in core.transitions],
-            "readings": len(core.readings),
-            "evaluations": len(core.history),
-            "spent": dict(core.clock.spent),
-            "evaluation_epochs": [r.epoch for r in core.history],
-            "training_seconds": core.clock.training_seconds(),
-            "new_cliffs": core.new_cliffs(),
-            "forecasts": [vars(f) for f in core.forecasts],
-            "summary": core.summary(),
+            "alarms": [(t.epoch, t.kind, t.group) for t in watcher.transitions],
+            "readings": len(watcher.readings),
+            "evaluations": len(watcher.history),
+            "spent": dict(watcher.clock.spent),
+            "evaluation_epochs": [r.epoch for r in watcher.history],
+            "training_seconds": watcher.clock.training_seconds(),
+            "new_cliffs": watcher.new_cliffs(),
+            "forecasts": [vars(f) for f in watcher.forecasts],
+            "summary": watcher.summary(),
         }
         if history:
             result["monitor"]["history"] = [
@@ -137,7 +136,7 @@ def fit_bundled(
                     "cliffs": [c.rank for c in h.cliffs],
                     "effective_rank": h.metrics.get("entk/effective_rank", float("nan")),
                 }
-                for h in core.history
+                for h in watcher.history
             ]
     return result
 

@@ -69,7 +69,7 @@ class Classifier(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
 
 
-def fit(tmp_path, callbacks=(), max_epochs=3, logger=False, model=None, **kwargs):
+def fit(tmp_path, callbacks=(), max_epochs=3, logger=False, model=None, ckpt_path=None, **kwargs):
     L.seed_everything(0, verbose=False)
     model, data = model or Classifier(), Blobs()
     kwargs.setdefault("enable_checkpointing", False)
@@ -84,7 +84,7 @@ def fit(tmp_path, callbacks=(), max_epochs=3, logger=False, model=None, **kwargs
         accelerator="cpu",
         **kwargs,
     )
-    trainer.fit(model, datamodule=data)
+    trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
     return trainer, model
 
 
@@ -206,10 +206,11 @@ def test_monitor_probe_over_budget_evaluates_what_fits(tmp_path):
     )
 
 
-def test_monitor_budget_below_two_points_fails_at_setup(tmp_path):
+def test_monitor_budget_below_two_points_is_a_warning_at_setup_and_training_goes_on(tmp_path):
     monitor = ENTKMonitor(probe=torch.randn(50, 6), kernel=KernelOptions(memory_budget=100))
-    with pytest.raises(ValueError, match=r"not even 2 probe points fit `memory_budget`"):
-        fit(tmp_path, callbacks=[monitor])
+    with pytest.warns(UserWarning, match=r"not even 2 probe points fit `memory_budget`"):
+        trainer, _ = fit(tmp_path, callbacks=[monitor])
+    assert trainer.current_epoch == 3 and not monitor.on and monitor.history == []
 
 
 def test_monitor_state_survives_checkpoint_resume(tmp_path):
@@ -231,6 +232,57 @@ def test_monitor_state_survives_checkpoint_resume(tmp_path):
     assert torch.equal(resumed.probe.x, first.probe.x)
     assert resumed.history[1].metrics == first.history[1].metrics
     assert "entk/kernel_velocity" in resumed.history[3].metrics  # previous kernel restored
+
+
+class Interrupt(Callback):
+    """Ends the run with an error as the given epoch starts, as a crash or a kill would."""
+
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            raise RuntimeError("interrupted")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"every_n_epochs": 2},
+        {
+            "every_n_epochs": 2,
+            "probe": ProbeSet(torch.randn(40, 6), torch.arange(40) % 4, torch.arange(40) >= 28),
+        },
+        {"every_n_train_steps": 4},
+        {"max_overhead": 10.0},
+    ],
+    ids=["epochs", "epochs-explicit-probe", "steps", "budget"],
+)
+def test_monitor_resumed_after_an_interruption_keeps_its_history_and_goes_on(tmp_path, options):
+    ckpt = tmp_path / "ckpt" / "last.ckpt"
+    first = ENTKMonitor(**options)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        fit(
+            tmp_path,
+            [first, Interrupt(3), ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)],
+            max_epochs=6,
+            enable_checkpointing=True,
+        )
+    held = torch.load(ckpt, weights_only=False)["callbacks"]["ENTKMonitor"]
+    assert held["history"] and held["readings"]
+    resumed = ENTKMonitor(**options)
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(
+        max_epochs=6, callbacks=[resumed], logger=False, enable_progress_bar=False,
+        default_root_dir=tmp_path, accelerator="cpu",
+    )  # fmt: skip
+    trainer.fit(Classifier(), datamodule=Blobs(), ckpt_path=str(ckpt))
+    restored = len(held["history"])
+    assert [r.to_state() for r in resumed.history[:restored]] == held["history"]
+    assert [r.to_state() for r in resumed.readings[: len(held["readings"])]] == held["readings"]
+    after = [r.epoch for r in resumed.history[restored:]]
+    assert after and min(after) > 2 and after[-1] == 6  # evaluations go on, to the end
+    assert max(r.epoch for r in resumed.readings) == 6
 
 
 def test_monitor_without_logger_and_with_csv_logger(tmp_path, caplog):
@@ -475,6 +527,37 @@ def test_monitor_time_budget_evaluates_at_the_same_steps_on_every_ddp_rank(tmp_p
     assert len(steps[0]) >= 3 and steps[0][0] == 0  # initialization, some, the end
 
 
+@pytest.mark.slow
+def test_monitor_resumed_under_ddp_keeps_its_history_on_every_rank(tmp_path):
+    """A checkpoint of one process, resumed on two: both ranks start from its history and
+    evaluate at the same steps after it."""
+    ckpt = tmp_path / "ckpt" / "last.ckpt"
+    checkpoint = ModelCheckpoint(dirpath=ckpt.parent, save_last=True)
+    fit(tmp_path / "one", [ENTKMonitor(every_n_epochs=1), checkpoint], max_epochs=2,
+        enable_checkpointing=True)  # fmt: skip
+    held = [
+        r["step"]
+        for r in torch.load(ckpt, weights_only=False)["callbacks"]["ENTKMonitor"]["history"]
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit(
+            tmp_path / "two",
+            [
+                ENTKMonitor(every_n_epochs=1),
+                SaveEvaluatedSteps(tmp_path),
+                ReleaseProcessGroupAtExit(),
+            ],
+            max_epochs=4,
+            strategy="ddp_spawn",
+            devices=2,
+            ckpt_path=str(ckpt),
+        )
+    steps = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert steps[0] == steps[1]
+    assert steps[0][: len(held)] == held and len(steps[0]) > len(held)
+
+
 def test_monitor_with_output_projections_estimates_the_trace_kernel(tmp_path):
     exact, estimated = ENTKMonitor(), ENTKMonitor(kernel=KernelOptions(output_projections=2))
     fit(tmp_path / "exact", callbacks=[exact], max_epochs=1)
@@ -501,10 +584,38 @@ def test_monitor_without_early_warning_raises_nothing(tmp_path):
     assert monitor.transitions == [] and monitor.readings
 
 
-def test_monitor_probe_the_model_cannot_take_fails_at_setup_with_its_shapes(tmp_path):
+def test_monitor_probe_the_model_cannot_take_is_a_warning_with_its_shapes(tmp_path):
     monitor = ENTKMonitor(probe=(torch.randn(20, 9), torch.arange(20) % 4))
-    with pytest.raises(ValueError, match=r"could not be called on the points \(a tensor \(20, 9\)"):
-        fit(tmp_path, callbacks=[monitor])
+    with pytest.warns(UserWarning, match=r"could not be called on the points \(a tensor \(20, 9\)"):
+        trainer, _ = fit(tmp_path, callbacks=[monitor])
+    assert trainer.current_epoch == 3 and not monitor.on and monitor.history == []
+
+
+class StatefulClassifier(Classifier):
+    """In eval mode the forward keeps a running state, written in place (as a recurrent
+    language model's cache): torch.func cannot differentiate it."""
+
+    def __init__(self):
+        super().__init__(batchnorm=False)
+        self.register_buffer("state", torch.zeros(32))
+
+    def forward(self, x):
+        hidden = self.net[:4](x)
+        if not self.training:
+            self.state.mul_(0.5).add_(hidden.mean(0))
+            hidden = hidden + self.state
+        return self.net[4](hidden)
+
+
+def test_monitor_on_a_model_it_cannot_differentiate_warns_turns_off_and_training_goes_on(
+    tmp_path,
+):
+    monitor = ENTKMonitor()
+    with pytest.warns(UserWarning, match=r"ENTKMonitor is off for this run.*forward_fn"):
+        trainer, _ = fit(tmp_path, callbacks=[monitor], model=StatefulClassifier())
+    assert trainer.current_epoch == 3  # trained to the end
+    assert not monitor.on and "in-place" in monitor.off_reason
+    assert monitor.history == [] and monitor.readings == [] and monitor.state_dict() == {}
 
 
 def test_monitor_warns_once_when_the_watched_metric_is_never_logged(tmp_path):

@@ -39,7 +39,7 @@ def test_demo_warns_before_grokking_and_logs_a_new_cliff(tmp_path, capsys):
     # logged at one of the window's, before the end of fit (140 epochs), in TensorBoard too.
     first_alarm = monitor.transitions[0]
     assert first_alarm.epoch in [r.epoch for r in monitor.history]
-    new = monitor.core.new_cliffs()
+    new = monitor.new_cliffs()
     assert list(new) == [113] and first_alarm.epoch < new[113] < monitor.history[-1].epoch
     assert [event.value for event in cliffs] == [len(r.cliffs) for r in monitor.history]
 

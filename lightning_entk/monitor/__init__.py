@@ -3,7 +3,8 @@
 
     ``core``      :class:`Monitor`: start, step, end; full evaluations, the detector, state
     ``sentinel``  :class:`Sentinel`: the readout's kernel on held-out points, every epoch
-    ``sinks``     where it writes: a dict, a TensorBoard ``SummaryWriter``, a logger
+    ``sinks``     where it writes: a dict, a TensorBoard ``SummaryWriter``, loggers
+    ``report``    its one-screen summary and its figure of the whole run
 
 The keys it logs are :mod:`lightning_entk.keys`.
 """

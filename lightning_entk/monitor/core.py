@@ -40,7 +40,6 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Protocol
 
-import matplotlib.image
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -55,16 +54,30 @@ from lightning_entk.kernel.budget import MemoryBudget
 from lightning_entk.kernel.options import check_projection_mode
 from lightning_entk.kernel.points import num_points, to_device
 from lightning_entk.milestones import first_epoch_reaching, new_ranks_first_seen
+from lightning_entk.monitor import report
 from lightning_entk.monitor.sentinel import Reading, Sentinel
 from lightning_entk.monitor.sinks import Sink, as_sink, tensorboard_layout
-from lightning_entk.probe import ProbeSet, as_probe_set
-from lightning_entk.schedule import Clock, Schedule, TimeBudget
+from lightning_entk.probe import (
+    DEFAULT_MAX_PROBE_POINTS,
+    ProbeSet,
+    as_probe_set,
+    draw_probe_set,
+)
+from lightning_entk.schedule import (
+    DEFAULT_MAX_OVERHEAD,
+    Clock,
+    FixedCadence,
+    Schedule,
+    TimeBudget,
+)
 
 log = logging.getLogger("lightning_entk")
 
-SUMMARY_FILENAME = "entk_summary.png"
-LEVELS = (0.5, 0.95)  # of the watched metric, in the summary
 RANK_TOLERANCE = 2  # cliff ranks this close are one cliff (the early warning's default)
+# What a schedule does (schedule.Schedule).
+SCHEDULE_METHODS = (
+    "due", "allows", "observe", "expect", "in_window", "record", "affords", "state_dict",
+)  # fmt: skip
 
 
 class Collective(Protocol):
@@ -95,95 +108,172 @@ class Monitor:
     """The empirical NTK of a model on a fixed probe set, watched while it trains (see the
     module docstring).
 
+    Configured here, bound to a model by :meth:`bind` (at once when ``model`` is given), then
+    driven by :meth:`start`, :meth:`step` and :meth:`end`. Invalid arguments fail here; any
+    failure after (binding included: a model the engine cannot differentiate, a probe it
+    cannot take) is a warning that says why, the monitor turns itself off and training goes on.
+
     Args:
-        model: the model being trained (read, never changed).
+        model: the model being trained (read, never changed); ``None`` to :meth:`bind` one
+            later.
         probe: the probe set: a :class:`~lightning_entk.ProbeSet`, points, ``(points, y)``, a
             ``Dataset`` or a ``DataLoader`` (see :func:`~lightning_entk.probe.as_probe_set`).
             With labels and held-out points (validation points, not trained on) the monitor
-            logs kernel regression and alignment, and the sentinel reads the readout.
+            logs kernel regression and alignment, and the sentinel reads the readout. ``None``:
+            drawn at :meth:`bind` from the training and validation data (validation points
+            held out), once, fixed for the whole run.
+        every_n_epochs: full evaluations at the end of every n-th epoch instead of within the
+            time budget.
+        every_n_train_steps: full evaluations after every n-th optimizer step instead of
+            within the time budget.
         mode: ``"trace"`` (N x N, the *sum* over outputs) or ``"flatten"`` (C*N x C*N).
-        kernel: how the kernel is computed (:class:`~lightning_entk.kernel.KernelOptions`;
-            default ``KernelOptions(groups="auto")``, the whole kernel and a few parameter
-            groups). Its ``memory_budget`` is what one full evaluation may allocate in all:
-            the engine gets half, the dense kernel work the rest; a probe set that would not
-            fit is cut to the largest seeded subset that does, with a warning.
-        schedule: when full evaluations are made (:mod:`~lightning_entk.schedule`); default
-            :class:`~lightning_entk.TimeBudget` (10% of the training time, sentinel included).
+        max_overhead: the time budget: the monitor's wall time, sentinel included, as a share
+            of the training's (``None``: 0.1 unless a fixed cadence is set).
+        schedule: when full evaluations are made, instead of the three arguments above: a
+            :class:`~lightning_entk.TimeBudget` (with its ``tolerance`` and ``burst``) or a
+            :class:`~lightning_entk.FixedCadence` (:mod:`~lightning_entk.schedule`).
+        max_probe_points: cap on the points read from a ``Dataset`` or ``DataLoader`` or drawn
+            from the data.
+        kernel: how the kernel is computed (:class:`~lightning_entk.kernel.KernelOptions`:
+            parameters, output maps, projections, groups, memory budget, ...; default
+            ``KernelOptions(groups="auto")``, the whole kernel and a few parameter groups). Its
+            ``memory_budget`` is what one full evaluation may allocate in all: the engine gets
+            half, the dense kernel work the rest; a probe set that would not fit is cut to the
+            largest seeded subset that does, with a warning.
+        accuracy_key: the network's own metric, among those passed to :meth:`step`, that the
+            early warning and the summary measure leads against.
         sentinel: the readout's reading at every epoch (:class:`Sentinel`, ``True`` for the
             default one, ``False`` for none).
         early_warning: the detector (``True``: ``EarlyWarning(accuracy_key)``; ``False``: none).
-        accuracy_key: the metric of the network's own, among those passed to :meth:`step`,
-            that the early warning and the summary measure leads against.
-        sink: where to write (:func:`~lightning_entk.monitor.sinks.as_sink`: ``None`` or a
-            dict, a ``SummaryWriter``, a logger, a sink).
         on_transition: called with each :class:`~lightning_entk.PhaseTransition` raised.
         cliff_options: keyword arguments for :func:`~lightning_entk.find_cliffs`.
         image_every_n_evaluations: images at every n-th full evaluation (when the budget
             affords them) and of the last one; 0 for none.
+        sink: where to write (:func:`~lightning_entk.monitor.sinks.as_sink`: ``None`` or a
+            dict, a ``SummaryWriter``, a logger, a sink).
         collective: the run's processes (default: one).
         clock: the monitor's clock (default: a new :class:`~lightning_entk.schedule.Clock`).
 
     Raises:
-        ValueError: for invalid arguments, or a probe set the model cannot take (its shapes
-            and dtypes named beside the model's error).
+        ValueError: for invalid arguments (each named, with what it must be).
     """
 
     def __init__(
         self,
-        model: nn.Module,
-        probe: object,
+        model: nn.Module | None = None,
+        probe: object = None,
         *,
+        every_n_epochs: int | None = None,
+        every_n_train_steps: int | None = None,
         mode: str = "trace",
-        kernel: KernelOptions | None = None,
+        max_overhead: float | None = None,
         schedule: Schedule | None = None,
+        max_probe_points: int = DEFAULT_MAX_PROBE_POINTS,
+        kernel: KernelOptions | None = None,
+        accuracy_key: str | None = "val_acc",
         sentinel: Sentinel | bool = True,
         early_warning: EarlyWarning | bool = True,
-        accuracy_key: str | None = "val_acc",
-        sink: object = None,
         on_transition: Callable[[PhaseTransition], None] | None = None,
         cliff_options: Mapping[str, object] | None = None,
         image_every_n_evaluations: int = 25,
+        sink: object = None,
         collective: Collective | None = None,
         clock: Clock | None = None,
     ) -> None:
         check_monitor_options(mode, kernel, sentinel, early_warning, on_transition,
-                              image_every_n_evaluations)  # fmt: skip
-        self.model = model
+                              image_every_n_evaluations, max_probe_points)  # fmt: skip
+        self.schedule = make_schedule(schedule, every_n_epochs, every_n_train_steps, max_overhead)
         self.mode = mode
-        self.kernel = KernelOptions(groups="auto") if kernel is None else kernel
-        self.collective = collective or Alone()
-        if self.collective.world_size > 1 and self.kernel.groups is not None:
-            log.info("ENTKMonitor: under several processes only the whole kernel is logged.")
-            self.kernel = self.kernel.replace(groups=None)
-        self.budget = MemoryBudget(self.kernel.memory_budget)
-        self.engine = self.kernel.replace(memory_budget=self.budget.engine_share().total)
-        self.schedule = TimeBudget() if schedule is None else schedule
+        self.kernel_options = KernelOptions(groups="auto") if kernel is None else kernel
+        self.max_probe_points = max_probe_points
+        self.probe = None if probe is None else as_probe_set(probe, max_probe_points)
         self.sentinel = _resolve(sentinel, Sentinel)
         self.early_warning = _resolve(early_warning, lambda: EarlyWarning(accuracy_key))
         self.accuracy_key = accuracy_key
-        self.sink: Sink = as_sink(sink)
         self.on_transition = on_transition
         self.cliff_options = dict(cliff_options or {})
         self.image_every_n_evaluations = image_every_n_evaluations
+        self.sink: Sink = as_sink(sink)
+        self.collective = collective or Alone()
         self.clock = clock or Clock()
 
+        self.model: nn.Module | None = None
+        self.off_reason: str | None = "not bound to a model"
         self.history: list[EvaluationRecord] = []  # full evaluations
         self.readings: list[Reading] = []  # sentinel readings
         self.watched: dict[int, float] = {}  # completed epochs -> the watched metric
         self.transitions: list[PhaseTransition] = []
         self.forecasts: list[Forecast] = []  # each that said something, and each that stopped
         self.summary_path: Path | None = None
+        self._resumed: dict | None = None  # a state loaded before binding, applied at binding
         self._previous_kernel: Tensor | None = None
         self._last_result: Evaluation | None = None
         self._image_seconds = 0.0
         self._warned_missing_metric = False
         self._summary = None
         self._rows_per_point = 1
+        self._features: dict[str, Tensor] = {}
+        self._feature_pairs = False
+        if model is not None:
+            self.bind(model)
 
-        self.probe = self._fit_probe(as_probe_set(probe))
+    def bind(
+        self,
+        model: nn.Module,
+        probe: object = None,
+        *,
+        data: tuple[object, object] | None = None,
+        sink: object = None,
+        collective: Collective | None = None,
+    ) -> bool:
+        """Bind the monitor to ``model`` before training: the probe is tried on it (its plan
+        logged), cut to the memory budget, and the sentinel chooses the readout.
+
+        ``probe`` replaces the constructor's; with neither, one is drawn from ``data``, the
+        training and validation datasets (:func:`~lightning_entk.probe.draw_probe_set`).
+        ``sink`` and ``collective`` replace the constructor's. A failure is a warning that
+        says why and what to pass; the monitor is then off (:attr:`off_reason`) and every
+        later call does nothing. A state loaded before (:meth:`load_state_dict`) is applied.
+
+        Returns:
+            Whether the monitor is on.
+        """
+        self.model = model
+        self.sink = self.sink if sink is None else as_sink(sink)
+        self.collective = collective or self.collective
+        try:
+            if probe is not None:
+                self.probe = as_probe_set(probe, self.max_probe_points)
+            elif self.probe is None:
+                with preserved_rng():
+                    self.probe = draw_probe_set(*(data or (None, None)), self.max_probe_points)
+            self._prepare()
+        except Exception as err:  # monitoring never ends the user's run
+            self.off_reason = f"{type(err).__name__}: {err}"
+            self._warn(setup_failure(err))
+            return False
+        self.off_reason = None
+        if self._resumed is not None:
+            self.load_state_dict(self._resumed)
+        return True
+
+    @property
+    def on(self) -> bool:
+        """Whether the monitor is bound to a model and working."""
+        return self.off_reason is None
+
+    def _prepare(self) -> None:
+        """What binding computes: the options under several processes, the budget, the probe
+        that fits it, the ground truth and the sentinel."""
+        if self.collective.world_size > 1 and self.kernel_options.groups is not None:
+            log.info("ENTKMonitor: under several processes only the whole kernel is logged.")
+            self.kernel_options = self.kernel_options.replace(groups=None)
+        self.budget = MemoryBudget(self.kernel_options.memory_budget)
+        self.engine = self.kernel_options.replace(memory_budget=self.budget.engine_share().total)
+        self.probe = self._fit_probe(self.probe)
         self._features, self._feature_pairs = self._ground_truth()
         if self.sentinel is not None:
-            reason = self.sentinel.setup(model, self.probe, self.engine)
+            reason = self.sentinel.setup(self.model, self.probe, self.engine)
             if reason:
                 log.info(f"ENTKMonitor: the sentinel is off: {reason}.")
             elif self.early_warning is not None:
@@ -194,8 +284,11 @@ class Monitor:
 
     def start(self, step: int = 0, epoch: int = 0) -> None:
         """Training starts: the clock runs; the kernel at initialization (unless resumed)."""
+        if not self.on:
+            return
         if self.collective.rank == 0:
-            self.sink.layout(tensorboard_layout(self.accuracy_key, self.kernel.groups is not None))
+            grouped = self.kernel_options.groups is not None
+            self.sink.layout(tensorboard_layout(self.accuracy_key, grouped))
         self.clock.start()
         if not self.history:
             self._read_sentinel(step, epoch)
@@ -213,6 +306,8 @@ class Monitor:
         end when ``epoch_end``, else after a training batch); ``metrics``: the network's own,
         as measured now (e.g. ``{"val_acc": 0.4}``). Reads the sentinel and makes a full
         evaluation when due; returns the phase transitions raised."""
+        if not self.on:
+            return []
         raised = len(self.transitions)
         if epoch_end and metrics:
             self._watch(epoch, metrics)
@@ -231,6 +326,8 @@ class Monitor:
         """Training ended: the kernel at the end (unless just evaluated), its images when the
         budget affords them, and the summary figure (always: in the sink's directory as
         ``entk_summary.png`` and as the sink's last image of the spectrum's evolution)."""
+        if not self.on:
+            return
         self.clock.stop()
         if metrics:
             self._watch(epoch, metrics)
@@ -246,6 +343,10 @@ class Monitor:
     @property
     def monitor_seconds(self) -> float:
         return self.clock.monitor_seconds
+
+    @property
+    def training_seconds(self) -> float:
+        return self.clock.training_seconds()
 
     def first_epoch_reaching(self, level: float) -> int | None:
         """The first completed epoch at which the watched metric (``accuracy_key``, as passed
@@ -265,44 +366,7 @@ class Monitor:
         """A one-screen text summary: what the monitor cost beside training, when the watched
         metric crossed 0.5 and 0.95, each phase-transition signal with its lead, and the cliffs
         at the start and the end."""
-        lines = ["", "=" * 72, "eNTK monitor summary", "=" * 72]
-        trained, spent = self.clock.training_seconds(), self.clock.spent
-        if trained > 0:
-            share = self.monitor_seconds / trained
-            lines.append(
-                f"training {trained:.1f} s; monitor {self.monitor_seconds:.1f} s more ({share:.0%})"
-                f": {len(self.readings)} sentinel readings {spent.get('sentinel', 0.0):.1f} s, "
-                f"{len(self.history)} full evaluations {spent.get('evaluation', 0.0):.1f} s, "
-                f"images and figures {spent.get('images', 0.0):.1f} s"
-            )
-        key = self.accuracy_key
-        crossed = {level: self.first_epoch_reaching(level) for level in LEVELS}
-        for level, epoch in crossed.items():
-            seen = f"epoch {epoch}" if epoch is not None else "not reached"
-            lines.append(f"{key} >= {level:<5} first at {seen} (read at every epoch it was passed)")
-        lines.append(f"phase-transition signals: {len(self.transitions) or 'none raised'}")
-        for transition in self.transitions:
-            lines.append(f"    {transition.describe()}")
-            lines.append(f"        {describe_lead(transition.epoch, crossed[LEVELS[0]], key)}")
-        lines += describe_forecasts(self.forecasts, self.transitions, crossed[LEVELS[0]], key)
-        for label, record in (("start", self.history[:1]), ("end", self.history[-1:])):
-            for r in record:
-                ranks = ", ".join(f"{c.rank} (x{10**c.drop:.2f})" for c in r.cliffs) or "none"
-                lines.append(f"cliffs at {label:<5} (epoch {r.epoch:>4}): ranks {ranks}")
-        evaluated = ", ".join(str(r.epoch) for r in self.history)
-        lines.append(f"full evaluations at epochs {evaluated}")
-        for rank, epoch in self.new_cliffs().items():
-            before = max((r.epoch for r in self.history if r.epoch < epoch), default=None)
-            value = self.watched.get(epoch)
-            at = "" if value is None else f", {key} {value:.2f}"
-            lines.append(
-                f"new cliff at rank {rank}: first logged at epoch {epoch}{at} (absent at the "
-                f"evaluation before, epoch {before}); {key} >= {LEVELS[0]} at "
-                f"{show_epoch(crossed[LEVELS[0]])}, >= {LEVELS[1]} at "
-                f"{show_epoch(crossed[LEVELS[1]])}"
-            )
-        lines += ["", f"summary figure:   {self.summary_path or 'not written'}", "=" * 72]
-        return "\n".join(lines)
+        return report.summary_text(self)
 
     def summary_figure(self):
         """The spectrum's evolution over the full evaluations, cliffs marked; below, the
@@ -315,18 +379,14 @@ class Monitor:
             len(self.transitions),
         )
         if self._summary is None or self._summary[0] != drawn_for:
-            detector = self.early_warning
-            figure = plots.plot_history(
-                self.history, self.accuracy_key, self.transitions, self.readings, self.watched,
-                ratio_level=None if detector is None else detector.alignment_ratio,
-                min_train_alignment=0.0 if detector is None else detector.min_train_alignment,
-                forecasts=self.forecasts, actual=self.first_epoch_reaching(LEVELS[0]),
-                first_seen=self.new_cliffs(),
-            )  # fmt: skip
-            self._summary = (drawn_for, figure)
+            self._summary = (drawn_for, report.history_figure(self))
         return self._summary[1]
 
     def state_dict(self) -> dict:
+        """What a resumed run continues from; a state loaded but not applied yet (before
+        binding, or with the monitor off) is kept as it was; ``{}`` when there is nothing."""
+        if not self.on:
+            return self._resumed or {}
         return {
             "history": [r.to_state() for r in self.history],
             "readings": [r.to_state() for r in self.readings],
@@ -344,7 +404,13 @@ class Monitor:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from ``state`` (of :meth:`state_dict`); the clock counts afresh (another
-        process's seconds are not this one's)."""
+        process's seconds are not this one's). Before binding, kept and applied at
+        :meth:`bind`."""
+        if not state:
+            return
+        self._resumed = state
+        if not self.on:
+            return
         self.history = [EvaluationRecord.from_state(r) for r in state["history"]]
         self.readings = [Reading.from_state(r) for r in state.get("readings", [])]
         self.watched = dict(state.get("watched", {}))
@@ -387,7 +453,7 @@ class Monitor:
         """The forecast from the readings so far (kept when it says something, or when it
         stops saying something), until the watched metric has reached the level; its
         scalars."""
-        if self.first_epoch_reaching(LEVELS[0]) is not None:
+        if self.first_epoch_reaching(report.LEVELS[0]) is not None:
             return {}
         readings = [r for r in self.readings if keys.SENTINEL_ALIGNMENT in r.metrics]
         try:
@@ -582,11 +648,8 @@ class Monitor:
             if self.sink.images:
                 self.sink.figures({keys.EVOLUTION_IMAGE: image}, step)
             if self.sink.log_dir is not None:
-                path = Path(self.sink.log_dir) / SUMMARY_FILENAME
-                path.parent.mkdir(parents=True, exist_ok=True)
-                matplotlib.image.imsave(path, image)
-                self.summary_path = path
-                log.info(f"ENTKMonitor: summary figure saved to {path}")
+                self.summary_path = report.save_image(image, self.sink.log_dir)
+                log.info(f"ENTKMonitor: summary figure saved to {self.summary_path}")
         except Exception as err:
             self._warn(f"ENTKMonitor could not draw its summary figure: {err!r}")
 
@@ -663,53 +726,10 @@ class Monitor:
         return features, bool(getattr(self.model, "entk_feature_pairs", False))
 
 
-def describe_forecasts(forecasts, transitions, crossed: int | None, key: str | None) -> list[str]:
-    """How the forecast of the epoch of ``key`` >= 0.5 moved: the first, at the first alarm,
-    and the last, each with its error against ``crossed`` when known."""
-    if not forecasts:
-        return [f"forecast of {key} >= 0.5: none made (nothing seen coming)"]
-    alarm = transitions[0].epoch if transitions else None
-    chosen = {"first": forecasts[0], "last": forecasts[-1]}
-    if alarm is not None:
-        at_alarm = [f for f in forecasts if f.made_at <= alarm]
-        if at_alarm:
-            chosen["at the first alarm"] = at_alarm[-1]
-    lines = [f"forecast of {key} >= 0.5 (actual: {'not reached' if crossed is None else crossed}):"]
-    for label in ("first", "at the first alarm", "last"):
-        if label in chosen:
-            f = chosen[label]
-            error = ""
-            if crossed is not None and f.epoch is not None:
-                error = f", {100 * (f.epoch - crossed) / crossed:+.0f}%"
-            lines.append(f"    {label:<19}{f.describe()}{error}")
-    return lines
-
-
-def show_epoch(epoch: int | None) -> str:
-    return "never" if epoch is None else f"epoch {epoch}"
-
-
-def describe_lead(alarm_epoch: int, crossed: int | None, key: str | None) -> str:
-    """How far ahead of the watched metric's crossing an alarm came.
-
-    Example:
-        >>> describe_lead(63, 85, "val_acc")
-        '22 epochs before val_acc >= 0.5 (26% of the 85 epochs to it): an early warning'
-    """
-    if crossed is None:
-        return f"{key} never reached 0.5 (so far)"
-    lead = crossed - alarm_epoch
-    if lead > 0:
-        return (
-            f"{lead} epochs before {key} >= 0.5 ({lead / crossed:.0%} of the {crossed} epochs "
-            "to it): an early warning"
-        )
-    return f"{-lead} epochs after {key} >= 0.5: not ahead of it"
-
-
 def check_monitor_options(
-    mode, kernel, sentinel, early_warning, on_transition, image_every_n_evaluations
-) -> None:
+    mode, kernel, sentinel, early_warning, on_transition, image_every_n_evaluations,
+    max_probe_points,
+) -> None:  # fmt: skip
     """Raise ``ValueError`` for a monitor argument of the wrong kind or out of range."""
     if mode not in ("trace", "flatten"):
         raise ValueError(f"`mode` must be 'trace' or 'flatten' (a square kernel), got {mode!r}.")
@@ -730,6 +750,54 @@ def check_monitor_options(
     value = image_every_n_evaluations
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"`image_every_n_evaluations` must be an int >= 0, got {value!r}.")
+    value = max_probe_points
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`max_probe_points` must be a positive int, got {value!r}.")
+
+
+def make_schedule(
+    schedule: Schedule | None,
+    every_n_epochs: int | None,
+    every_n_train_steps: int | None,
+    max_overhead: float | None,
+) -> Schedule:
+    """``schedule``, else a fixed cadence when one is set, else the time budget; one of the
+    three ways only."""
+    cadence = FixedCadence(every_n_epochs, every_n_train_steps)
+    fixed = every_n_epochs is not None or every_n_train_steps is not None
+    if schedule is not None:
+        if fixed or max_overhead is not None:
+            raise ValueError(
+                "Pass either `schedule` or `every_n_epochs`, `every_n_train_steps`, "
+                "`max_overhead`, not both."
+            )
+        if not all(callable(getattr(schedule, name, None)) for name in SCHEDULE_METHODS):
+            raise ValueError(
+                "`schedule` must be a TimeBudget, a FixedCadence or another Schedule, got "
+                f"{type(schedule).__name__}."
+            )
+        return schedule
+    if not fixed:
+        return TimeBudget(DEFAULT_MAX_OVERHEAD if max_overhead is None else max_overhead)
+    if max_overhead is not None:
+        raise ValueError(
+            "Set either a fixed cadence (`every_n_epochs`, `every_n_train_steps`) or a time "
+            f"budget (`max_overhead`), not both; got max_overhead={max_overhead!r}."
+        )
+    return cadence
+
+
+def setup_failure(err: Exception) -> str:
+    """The warning for a monitor that could not bind itself to its model: why, and what to
+    pass."""
+    return (
+        f"ENTKMonitor is off for this run: it could not compute the eNTK of this model on the "
+        f"probe set ({type(err).__name__}: {err}). If the model's forward in eval mode cannot be "
+        "differentiated (e.g. it writes a cache or state in place), pass a forward that does "
+        "not, as in `kernel=KernelOptions(forward_fn=lambda model, x: model(x, "
+        "use_cache=False).logits[:, -1])`; if it cannot take the probe, pass `probe=`. "
+        "Training goes on without the monitor."
+    )
 
 
 def _resolve(value, default: Callable[[], object]):

@@ -6,7 +6,7 @@ training loop has at hand:
     ``None`` or a ``dict``           :class:`DictSink`: scalars kept in memory (in the dict)
     a ``SummaryWriter``              :class:`TensorBoardSink`: everything, images included
     a logger with ``log_metrics``    :class:`LoggerSink`: scalars; with a TensorBoard
-                                     ``experiment`` (Lightning's ``TensorBoardLogger``),
+    (or a list of them)              ``experiment`` (Lightning's ``TensorBoardLogger``),
                                      images and texts too
 
 No Lightning import here: loggers are recognised by what they do.
@@ -108,18 +108,21 @@ class TensorBoardSink:
 
 
 class LoggerSink:
-    """Scalars to a logger with ``log_metrics(metrics, step)`` (a Lightning logger); the rest
-    to its ``experiment`` when that is a TensorBoard writer."""
+    """Scalars to loggers with ``log_metrics(metrics, step)`` (Lightning's loggers: one or a
+    list); the rest to the first whose ``experiment`` is a TensorBoard writer."""
 
-    def __init__(self, logger, images: bool = True) -> None:
-        self.logger = logger
-        writer = getattr(logger, "experiment", None) if _is_tensorboard_logger(logger) else None
+    def __init__(self, loggers, images: bool = True) -> None:
+        self.loggers = list(loggers) if isinstance(loggers, list | tuple) else [loggers]
+        board = next((lg for lg in self.loggers if _is_tensorboard_logger(lg)), None)
+        writer = None if board is None else getattr(board, "experiment", None)
         self.tensorboard = None if writer is None else TensorBoardSink(writer, images)
         self.images = self.tensorboard is not None and images
-        self.log_dir = getattr(logger, "log_dir", None)
+        directories = (getattr(logger, "log_dir", None) for logger in self.loggers)
+        self.log_dir = next((d for d in directories if d), None)
 
     def scalars(self, values: Mapping[str, float], step: int, local: bool = False) -> None:
-        self.logger.log_metrics(dict(values), step=step)
+        for logger in self.loggers:
+            logger.log_metrics(dict(values), step=step)
 
     def text(self, tag: str, text: str, step: int) -> None:
         if self.tensorboard is not None:
@@ -144,7 +147,7 @@ def _is_tensorboard_logger(logger) -> bool:
 
 def as_sink(target: object = None, images: bool = True) -> Sink:
     """A sink for ``target``: ``None`` or a dict (:class:`DictSink`), a ``SummaryWriter``
-    (:class:`TensorBoardSink`), a logger with ``log_metrics`` (:class:`LoggerSink`), or a
+    (:class:`TensorBoardSink`), loggers with ``log_metrics`` (:class:`LoggerSink`), or a
     sink already.
 
     Raises:
@@ -154,7 +157,9 @@ def as_sink(target: object = None, images: bool = True) -> Sink:
         return DictSink(target)
     if hasattr(target, "add_scalar") and hasattr(target, "add_image"):
         return TensorBoardSink(target, images)
-    if hasattr(target, "log_metrics"):
+    if hasattr(target, "log_metrics") or (
+        isinstance(target, list | tuple) and all(hasattr(t, "log_metrics") for t in target)
+    ):
         return LoggerSink(target, images)
     if all(hasattr(target, name) for name in ("scalars", "text", "figures", "histogram")):
         return target
