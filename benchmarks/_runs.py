@@ -43,11 +43,13 @@ def fit_bundled(
     model_args: dict | None = None,
     threads: int | None = None,
     stop_after_grokking: bool = False,
+    history: bool = False,
 ) -> dict:
     """Train bundled ``model`` (``"mlp"`` or ``"transformer"``) for ``epochs`` (the demo's by
     default) with ``seed`` (``seed_everything`` and the data split), with
     ``ENTKMonitor(**monitor)`` or without a monitor (``None``); with ``stop_after_grokking``,
-    stop at the first epoch of val_acc >= 0.5 (what a forecast of that epoch needs)."""
+    stop at the first epoch of val_acc >= 0.5 (what a forecast of that epoch needs); with
+    ``history``, each full evaluation's epoch, cliffs and effective rank."""
     import lightning as L
     import torch
     from lightning.pytorch import Callback
@@ -104,12 +106,14 @@ def fit_bundled(
         trainer.fit(network, datamodule=data)
         seconds = time.perf_counter() - began
     crossed = next((e for e, v in sorted(accuracy.values.items()) if v >= 0.5), None)
+    high = next((e for e, v in sorted(accuracy.values.items()) if v >= 0.95), None)
     result = {
         "seconds": seconds,
         "val_acc": accuracy.values,
         "train_acc": accuracy.train,
         "norm2": accuracy.norm2,
         "crossed": crossed,
+        "crossed_high": high,
         "hparams": {k: network.hparams[k] for k in ("lr", "weight_decay")},
         "monitor": None,
     }
@@ -120,9 +124,20 @@ def fit_bundled(
             "evaluations": len(watcher.history),
             "spent": dict(watcher.clock.spent),
             "evaluation_epochs": [r.epoch for r in watcher.history],
+            "training_seconds": watcher.clock.training_seconds(),
+            "new_cliffs": watcher.new_cliffs(),
             "forecasts": [vars(f) for f in watcher.forecasts],
             "summary": watcher.summary(),
         }
+        if history:
+            result["monitor"]["history"] = [
+                {
+                    "epoch": h.epoch,
+                    "cliffs": [c.rank for c in h.cliffs],
+                    "effective_rank": h.metrics.get("entk/effective_rank", float("nan")),
+                }
+                for h in watcher.history
+            ]
     return result
 
 

@@ -10,7 +10,13 @@ import logging
 from lightning_entk.alignment import feature_alignment, subspace_overlap, symmetry_rotation
 from lightning_entk.cliffs import Cliff, find_cliffs
 from lightning_entk.early_warning import EarlyWarning, PhaseTransition
-from lightning_entk.kernel import KernelOptions, NTKMethod, empirical_ntk, ntk_plan
+from lightning_entk.kernel import (
+    KernelOptions,
+    NotDifferentiableError,
+    NTKMethod,
+    empirical_ntk,
+    ntk_plan,
+)
 from lightning_entk.monitor.core import Monitor
 from lightning_entk.monitor.sentinel import Sentinel
 from lightning_entk.probe import ProbeSet, draw_probe_set
@@ -25,6 +31,7 @@ __all__ = [
     "KernelOptions",
     "Monitor",
     "NTKMethod",
+    "NotDifferentiableError",
     "PhaseTransition",
     "ProbeSet",
     "Sentinel",

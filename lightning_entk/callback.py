@@ -60,7 +60,7 @@ class ENTKMonitor(Monitor, Callback):
         **options: object,
     ) -> None:
         for name in ("model", "sink", "collective"):
-            if name in options:
+            if options.get(name) is not None:
                 raise ValueError(
                     f"`{name}` is the trainer's for ENTKMonitor (its module, its loggers, its "
                     "processes); pass it to Monitor in a plain training loop."

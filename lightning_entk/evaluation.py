@@ -131,6 +131,7 @@ def evaluate(
     cliff_options: Mapping[str, object] | None = None,
     keep_eigenvectors: bool = False,
     kernel: Tensor | None = None,
+    detail: bool = True,
 ) -> Evaluation:
     """Compute the eNTK of ``model`` on ``probe`` and everything the monitor logs about it.
 
@@ -138,7 +139,10 @@ def evaluate(
     its parameter groups' kernels, from the same pass, get their own spectrum, cliffs and label
     signals under ``entk/<group>/...``. ``kernel``: the eNTK of the probe set in ``mode`` when
     the caller has it already (e.g. assembled from row blocks computed by several processes;
-    then without groups); computed here when ``None``.
+    then without groups); computed here when ``None``. Without ``detail`` only the whole
+    kernel's figures: no groups, and no eigenvectors nor feature overlaps unless
+    ``keep_eigenvectors`` (eigenvalues alone cost a fraction of the eigenpairs, and the groups'
+    spectra and signals as much again as the whole kernel's each).
 
     Raises:
         FloatingPointError: if the kernel is not finite (the caller skips the evaluation).
@@ -146,6 +150,8 @@ def evaluate(
     start = time.perf_counter()
     options = options or KernelOptions()
     parts: dict[str, Tensor] = {}
+    if not detail:
+        options, features = options.replace(groups=None), None
     if kernel is None:
         kernel = empirical_ntk(model, probe.x, mode=mode, options=options)
         if options.groups is not None:

@@ -85,3 +85,31 @@ def nearest_rank(ranks: Iterable[int], target: int, tolerance: int) -> int | Non
         raise ValueError(f"`tolerance` must be non-negative, got {tolerance!r}.")
     near = [int(r) for r in ranks if abs(r - target) <= tolerance]
     return min(near, key=lambda r: (abs(r - target), r)) if near else None
+
+
+def new_ranks_first_seen(
+    epochs: Sequence[int], ranks: Sequence[Iterable[int]], tolerance: int
+) -> dict[int, int]:
+    """Each cliff rank absent from the first evaluation, with the first epoch it was seen.
+
+    ``ranks[i]``: the cliff ranks found at ``epochs[i]`` (ascending). A rank is new when
+    :func:`nearest_rank` finds no first-evaluation rank within ``tolerance``; a new rank seen
+    again within ``tolerance`` of one already listed is the same cliff (listed under the rank
+    it had when first seen).
+
+    Example:
+        >>> new_ranks_first_seen([0, 90, 100, 110], [[57], [57], [57, 113], [57, 112]], 2)
+        {113: 100}
+    """
+    if len(epochs) != len(ranks):
+        raise ValueError(f"one list of ranks per epoch: {len(epochs)} epochs, {len(ranks)} lists.")
+    if not len(epochs):
+        return {}
+    baseline = [int(r) for r in ranks[0]]
+    seen: dict[int, int] = {}
+    for epoch, found in zip(epochs[1:], ranks[1:], strict=True):
+        for r in found:
+            if nearest_rank(baseline, int(r), tolerance) is None:
+                if nearest_rank(seen, int(r), tolerance) is None:
+                    seen[int(r)] = int(epoch)
+    return seen

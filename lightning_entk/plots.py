@@ -32,6 +32,7 @@ DPI = 100
 CLIFF_COLOR = "tab:red"
 COLOR_PERCENTILES = (1, 99)  # of the log10 eigenvalues shown: the evolution's colour range
 LOG_INDEX_FROM = 300  # more eigenvalues than this: a log index axis, so the top ones stay apart
+CELL_SHARE = 0.01  # an evaluation's column spans at most this share of the epochs each side
 _OUTLINE = [patheffects.withStroke(linewidth=2.5, foreground="white")]
 _TRANSITION_STYLES = ("--", "-.", ":", (0, (5, 1, 1, 1)))
 
@@ -184,16 +185,25 @@ def _label_cliff(ax: Axes, x: float, before: float, after: float, cliff) -> None
     )
 
 
-def _cell_edges(centres: np.ndarray) -> np.ndarray:
-    """Edges of cells around sorted ``centres``: the midpoints, and at both ends half the next
-    gap but at most 2% of the span, so that a sparse schedule's last evaluation does not draw
-    the axis far past the end of training."""
+def _cells(centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each evaluation's column at its true epoch: edges around each centre, at most
+    ``CELL_SHARE`` of the span on each side (and never past the midpoint to a neighbour), with
+    empty columns between cells that do not touch. Returns the edges (M + 1,) of M columns and,
+    per column, the evaluation it draws (-1: empty)."""
     if len(centres) == 1:
-        return np.array([centres[0] - 0.5, centres[0] + 0.5])
-    mid = (centres[:-1] + centres[1:]) / 2
-    most = 0.02 * (centres[-1] - centres[0])
-    first, last = min(mid[0] - centres[0], most), min(centres[-1] - mid[-1], most)
-    return np.concatenate([[centres[0] - first], mid, [centres[-1] + last]])
+        return np.array([centres[0] - 0.5, centres[0] + 0.5]), np.array([0])
+    half = max(CELL_SHARE * (centres[-1] - centres[0]), 0.5)
+    gaps = np.diff(centres) / 2
+    left = np.minimum(np.concatenate([[half], gaps]), half)
+    right = np.minimum(np.concatenate([gaps, [half]]), half)
+    edges, owner = [centres[0] - left[0]], []
+    for t, centre in enumerate(centres):
+        if centre - left[t] > edges[-1] + 1e-9:  # a gap before this cell
+            edges.append(centre - left[t])
+            owner.append(-1)
+        edges.append(centre + right[t])
+        owner.append(t)
+    return np.array(edges), np.array(owner)
 
 
 def _accuracy_series(
@@ -236,13 +246,16 @@ def plot_spectrum_evolution(
     levels: Mapping[str, float] | None = None,
     forecasts: Sequence | None = None,
     actual: float | None = None,
+    first_seen: Mapping[int, float] | None = None,
 ) -> Figure:
     """The spectrum over training as a heatmap, cliffs marked, accuracy and transitions below.
 
     Top: ``log10`` of eigenvalue ``i`` over the largest of its evaluation (index 1 at the top;
-    a log index axis above ``LOG_INDEX_FROM``) at each evaluation's epoch; NaN padding and
-    non-positive values show as grey. Each cliff is a marker at ``(epoch, rank + 0.5)``,
-    between the eigenvalues it separates.
+    a log index axis above ``LOG_INDEX_FROM``) in a column at each evaluation's true epoch (at
+    most ``CELL_SHARE`` of the epochs wide on each side; light grey between evaluations); NaN
+    padding and non-positive values show as grey. Each cliff is a segment across its column at
+    ``rank + 0.5``, between the eigenvalues it separates; ``first_seen`` (rank -> epoch) marks
+    where each new cliff was first seen.
     Bottom (when ``accuracy`` is given): accuracy curves on ``[0, 1]`` against the same epochs.
     Transitions (e.g. early warnings) are vertical lines across both panels, listed in a legend.
 
@@ -309,10 +322,13 @@ def plot_spectrum_evolution(
     rows = slice(0, 2 * deepest) if 0 < 2 * deepest < k else slice(None)
     shown = log_values[:, rows][np.isfinite(log_values[:, rows])]
     vmin, vmax = np.percentile(shown, COLOR_PERCENTILES) if shown.size else (0.0, 1.0)
+    edges, owner = _cells(epochs_)
+    columns = np.full((k, len(owner)), np.nan)
+    columns[:, owner >= 0] = log_values[owner[owner >= 0]].T
     mesh = ax.pcolormesh(
-        _cell_edges(epochs_),
+        edges,
         np.arange(k + 1) + 0.5,
-        np.ma.masked_invalid(log_values.T),
+        np.ma.masked_invalid(columns),
         cmap=colormaps["viridis"].with_extremes(bad="0.85"),
         vmin=vmin,
         vmax=max(vmax, vmin + 1e-6),
@@ -324,14 +340,17 @@ def plot_spectrum_evolution(
         ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
     ax.set_ylim(k + 0.5, 0.5)
     ax.set_ylabel("eigenvalue index" + (" (log scale)" if k > LOG_INDEX_FROM else ""))
-    ax.set_title("eNTK spectrum over training")
+    ax.set_title(
+        f"eNTK spectrum at the {n_evals} full evaluations (columns at their epochs; grey: none)"
+    )
+    ax.set_facecolor("0.93")
     colorbar = fig.colorbar(mesh, cax=fig.add_subplot(grid[0, 1]), extend="both")
     colorbar.set_label("log10 (eigenvalue / largest)")
 
     # One segment per evaluation across its cell: a cliff that persists reads as a line.
-    edges = _cell_edges(epochs_)
+    cell = {int(t): (edges[i], edges[i + 1]) for i, t in enumerate(owner) if t >= 0}
     segments = [
-        (int(c.rank) + 0.5, edges[t], edges[t + 1])
+        (int(c.rank) + 0.5, *cell[t])
         for t, cliffs in enumerate(cliffs_per_eval)
         for c in cliffs
         if 1 <= int(c.rank) < k
@@ -344,6 +363,19 @@ def plot_spectrum_evolution(
             label="cliff (between rank and rank + 1)",
             zorder=3,
         )
+
+    for rank, epoch in (first_seen or {}).items():
+        if 1 <= int(rank) < k:
+            ax.annotate(
+                f"rank {rank}: new, first seen at epoch {epoch:g}",
+                (float(epoch), int(rank) + 0.5),
+                xytext=(6, 8),
+                textcoords="offset points",
+                color=CLIFF_COLOR,
+                fontsize=9,
+                path_effects=_OUTLINE,
+                arrowprops={"arrowstyle": "->", "color": CLIFF_COLOR},
+            )
 
     bottom = fig.add_subplot(grid[1, 0], sharex=ax) if curves else ax
     panels = [ax, *([bottom] if curves else [])]
@@ -505,6 +537,7 @@ def plot_history(
     min_train_alignment: float = 0.0,
     forecasts: Sequence = (),
     actual: float | None = None,
+    first_seen: Mapping[int, float] | None = None,
 ) -> Figure:
     """:func:`plot_spectrum_evolution` of a monitor's full evaluations (records with
     ``.epoch``, ``.eigenvalues``, ``.cliffs`` and ``.metrics``); below, the network's
@@ -512,7 +545,8 @@ def plot_history(
     evaluations), the sentinel's readings (``readings``): the readout's held-out alignment and
     its ratio to the training alignment (where that is at least ``min_train_alignment``), with
     the detector's ``ratio_level``, and eNTK kernel regression at the full evaluations; with
-    ``forecasts``, how the forecast of the epoch of val_acc 0.5 moved (``actual``: when it came)."""
+    ``forecasts``, how the forecast of the epoch of val_acc 0.5 moved (``actual``: when it came);
+    ``first_seen``: new cliff rank -> the epoch it was first seen, marked."""
     k = max(len(r.eigenvalues) for r in history)
     values = np.full((len(history), k), np.nan)
     for i, r in enumerate(history):
@@ -549,6 +583,7 @@ def plot_history(
         levels=levels,
         forecasts=forecasts or None,
         actual=actual,
+        first_seen=first_seen,
     )
 
 

@@ -35,6 +35,25 @@ is always made and so is set aside from the start. While the signals move, ``bur
 evaluations may be spent ahead of the budget, to be paid back on quiet stretches. When the
 budget does not allow it, the evaluation waits for the step at which, at the training speed
 measured so far, it will.
+
+**The transition window.** The monitor tells the schedule what it sees coming
+(:meth:`~Schedule.expect`): the epoch of the first phase-transition alarm, the high end of the
+latest forecast of the watched metric's rise, and the watched metric now. From the first alarm
+until the forecast's high end, and after it for as long as the watched metric still moves (by
+more than ``tolerance`` since the last full evaluation), the schedule is in the *window*: a full
+evaluation falls due at the alarm, then every
+
+    gap = max((high - now) / WINDOW_EVALUATIONS, least)
+    least = min(cost / (WINDOW_SHARE * seconds per epoch), high - alarm)
+
+epochs (the least gap while the watched metric moves), so that several evaluations come before
+the forecast epoch however early the alarm, at least their cost over ``WINDOW_SHARE`` of the
+training time apart, but never further apart than the alarm from the forecast's high end, so
+that a window of dear evaluations is still sampled. The window's first ``burst`` evaluations
+are made whatever the budget (a transition seen only afterwards is what the monitor is for);
+later ones, and all outside the window, when the budget allows, so the window is paid back on
+the quiet stretches after.
+A fixed cadence has no window: it replaces the placement.
 """
 
 from __future__ import annotations
@@ -52,6 +71,8 @@ DEFAULT_MAX_OVERHEAD = 0.1  # the monitor's seconds, sentinel included, over tra
 # The signals whose change sets the gap: the key itself or ``entk/<group>/<signal>``.
 MOVING_SIGNALS = (keys.KERNEL_REGRESSION_ACC, keys.KERNEL_TARGET_ALIGNMENT, keys.KERNEL_VELOCITY)
 QUIET_PACE = 2  # on quiet stretches, gaps up to this many times the budget's even pace
+WINDOW_EVALUATIONS = 4  # in the transition window: evaluations wanted before the forecast's end
+WINDOW_SHARE = 0.5  # in the window, evaluations at least their cost over this share apart
 
 
 class Clock:
@@ -118,6 +139,12 @@ class Schedule(Protocol):
 
     def observe(self, step: int, signals: Mapping[str, float]) -> None: ...
 
+    def expect(
+        self, step: int, epoch: int, alarm: int | None, high: float | None, watched: float | None
+    ) -> None: ...
+
+    def in_window(self) -> bool: ...
+
     def record(self, step: int, cost: float, metrics: Mapping[str, float], clock: Clock): ...
 
     def affords(self, seconds: float, clock: Clock) -> bool: ...
@@ -163,6 +190,14 @@ class FixedCadence:
     def observe(self, step: int, signals: Mapping[str, float]) -> None:
         pass
 
+    def expect(
+        self, step: int, epoch: int, alarm: int | None, high: float | None, watched: float | None
+    ) -> None:
+        pass
+
+    def in_window(self) -> bool:
+        return False
+
     def record(self, step: int, cost: float, metrics: Mapping[str, float], clock: Clock):
         pass
 
@@ -188,7 +223,8 @@ class TimeBudget:
             sentinel reading that moved this far since the last full evaluation makes the
             next one due.
         burst: evaluations that may be spent ahead of the budget while the signals move by
-            more than ``tolerance`` per evaluation.
+            more than ``tolerance`` per evaluation; and those made in the transition window
+            whatever the budget.
 
     Raises:
         ValueError: for arguments out of range.
@@ -233,6 +269,13 @@ class TimeBudget:
             "signals": {},  # the previous evaluation's moving signals
             "sentinel": {},  # the sentinel's signals at the previous evaluation
             "moving": False,  # whether they changed by more than ``tolerance`` last time
+            "epoch": 0,  # completed epochs at the latest outlook
+            "steps_per_epoch": None,
+            "alarm": None,  # the epoch of the first alarm: the window opens
+            "high": None,  # the latest forecast's high end (epochs)
+            "watched": None,  # the watched metric at the latest outlook
+            "watched_evaluated": None,  # and at the last full evaluation
+            "window_made": 0,  # evaluations made in the window
         }
 
     @property
@@ -247,7 +290,7 @@ class TimeBudget:
         """Whether the budget allows an evaluation at ``step``; if not, the next evaluation is
         put off to the step at which it will (at the speed trained so far)."""
         state = self._state
-        if not state["costs"]:
+        if not state["costs"] or (self.in_window() and state["window_made"] < self.burst):
             return True
         cost = self._cost()
         trained = clock.training_seconds()
@@ -268,14 +311,67 @@ class TimeBudget:
 
     def observe(self, step: int, signals: Mapping[str, float]) -> None:
         """A sentinel reading at ``step`` found ``signals``: when one has moved by more than
-        ``tolerance`` since the last full evaluation, the next is due now."""
+        ``tolerance`` since the last full evaluation, the next is due now (outside the window,
+        whose pace is its own)."""
         state = self._state
         change = signal_change(state["sentinel"], signals, differences_only=True)
         if state["last_step"] is None or not state["sentinel"]:
             state["sentinel"] = dict(signals)
-        elif change is not None and change > self.tolerance:
+        elif change is not None and change > self.tolerance and not self.in_window():
             state["next_step"] = min(state["next_step"], step)
-            state["moving"] = True
+
+    def expect(
+        self, step: int, epoch: int, alarm: int | None, high: float | None, watched: float | None
+    ) -> None:
+        """The monitor's outlook at ``step`` (``epoch`` completed epochs): the epoch of its first
+        alarm (``None``: none yet), the high end of its latest forecast (``None``: none) and the
+        watched metric now (``None``: not measured). The first alarm opens the window (see the
+        module docstring): an evaluation is due at once."""
+        state = self._state
+        state["epoch"] = epoch
+        if epoch > 0 and step > 0:
+            state["steps_per_epoch"] = step / epoch
+        if watched is not None and math.isfinite(watched):
+            state["watched"] = float(watched)
+        if high is not None and math.isfinite(high):
+            state["high"] = float(high)
+        if alarm is not None and state["alarm"] is None:
+            state["alarm"] = alarm
+            state["next_step"] = min(state["next_step"], step)
+
+    def in_window(self) -> bool:
+        """Whether training is in the transition window: after the first alarm, before the
+        forecast's high end or while the watched metric still moves."""
+        state = self._state
+        if state["alarm"] is None:
+            return False
+        if state["high"] is not None and state["epoch"] < state["high"]:
+            return True
+        return self._watched_moving()
+
+    def _watched_moving(self) -> bool:
+        now, then = self._state["watched"], self._state["watched_evaluated"]
+        return now is not None and (then is None or abs(now - then) > self.tolerance)
+
+    def _window_gap(self, clock: Clock) -> float | None:
+        """Steps to the next evaluation in the window (module docstring), ``None`` outside."""
+        state = self._state
+        per_epoch = state["steps_per_epoch"]
+        if not self.in_window() or not per_epoch:
+            return None
+        epoch, high = state["epoch"], state["high"]
+        wanted = 0.0
+        if high is not None and epoch < high and not self._watched_moving():
+            wanted = (high - epoch) / WINDOW_EVALUATIONS
+        trained = clock.training_seconds()
+        least = 1.0
+        if trained > 0 and epoch > 0:
+            least = self._cost() / (WINDOW_SHARE * trained / epoch)
+        if high is not None and high > state["alarm"]:
+            # Dear evaluations still sample the window: never further apart than the alarm
+            # from the forecast's high end (their number is bounded by ``burst``).
+            least = min(least, high - state["alarm"])
+        return max(wanted, least, 1.0) * per_epoch
 
     def record(self, step: int, cost: float, metrics: Mapping[str, float], clock: Clock):
         """A full evaluation at ``step`` cost ``cost`` seconds (already on the ``clock``) and
@@ -297,10 +393,14 @@ class TimeBudget:
             # as long (saving for where the signals move), so no transition is slept through.
             pace = self._cost() / (self.max_overhead * trained / step)
             state["gap"] = min(state["gap"], max(QUIET_PACE * pace, 1.0))
+        window = self._window_gap(clock)
+        state["window_made"] += window is not None
         state["signals"] = signals
         state["sentinel"] = sentinel or state["sentinel"]
         state["last_step"] = step
-        state["next_step"] = step + round(state["gap"])
+        state["watched_evaluated"] = state["watched"]
+        # In the window the evaluations come at its pace; the adaptive gap is kept for after it.
+        state["next_step"] = step + max(round(state["gap"] if window is None else window), 1)
 
     def _cost(self) -> float:
         """The next evaluation's expected seconds: the median of the last three."""

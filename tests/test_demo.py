@@ -35,10 +35,19 @@ def test_demo_warns_before_grokking_and_logs_a_new_cliff(tmp_path, capsys):
     cliffs = events.Scalars("entk/num_cliffs")
     assert len(cliffs) == len(monitor.history) >= 2
 
+    # Placed in the transition window: an evaluation at the first alarm, and the new cliff
+    # logged at one of the window's, before the end of fit (140 epochs), in TensorBoard too.
+    first_alarm = monitor.transitions[0]
+    assert first_alarm.epoch in [r.epoch for r in monitor.history]
+    new = monitor.new_cliffs()
+    assert list(new) == [113] and first_alarm.epoch < new[113] < monitor.history[-1].epoch
+    assert [event.value for event in cliffs] == [len(r.cliffs) for r in monitor.history]
+
     assert (log_dir / "entk_summary.png").stat().st_size > 20_000
     assert monitor.summary_path == log_dir / "entk_summary.png"
     printed = capsys.readouterr().out
     assert "eNTK monitor summary" in printed and f"tensorboard --logdir {tmp_path}" in printed
     assert "alignment_ratio of group 'layer2'" in printed and ": an early warning" in printed
     assert f"{len(monitor.readings)} sentinel readings" in printed
+    assert f"new cliff at rank 113: first logged at epoch {new[113]}" in printed
     assert 0 < monitor.monitor_seconds and 0 < monitor.training_seconds

@@ -156,10 +156,39 @@ def test_plot_spectrum_evolution_shows_each_spectrum_relative_to_its_largest():
     values[3:] = values[0] * 1e4
     values[:3] = values[0]
     fig = plot_spectrum_evolution(epochs, values, cliffs)
-    mesh = next(c for c in fig.axes[0].collections if isinstance(c, QuadMesh))
-    colours = np.asarray(mesh.get_array()).reshape(100, 6)
+    colours = evaluation_columns(fig, 100)
+    assert colours.shape == (100, 6)
     np.testing.assert_allclose(colours[:, 3:], colours[:, :3], atol=1e-12)
     np.testing.assert_allclose(colours[0], 0.0, atol=1e-12)
+
+
+def evaluation_columns(fig, k):
+    """The heatmap's columns that draw an evaluation (the others: empty epochs between)."""
+    mesh = next(c for c in fig.axes[0].collections if isinstance(c, QuadMesh))
+    array = np.ma.asarray(mesh.get_array()).reshape(k, -1)
+    return array[:, ~np.ma.getmaskarray(array).all(axis=0)]
+
+
+def test_plot_spectrum_evolution_draws_each_evaluation_at_its_epoch():
+    """Evaluations at 0, 10, 95, 100 and 300: each a narrow column centred on its epoch (at most
+    1% of the 300 epochs on each side, never past the midpoint to a neighbour), empty between;
+    a new cliff's first epoch is marked."""
+    epochs = np.array([0, 10, 95, 100, 300])
+    _, values, _, _ = evolution_data(n_evals=5, k=200)
+    cliffs = [CLIFFS[:1]] * 3 + [CLIFFS] * 2
+    fig = plot_spectrum_evolution(epochs, values, cliffs, first_seen={113: 100})
+    mesh = next(c for c in fig.axes[0].collections if isinstance(c, QuadMesh))
+    edges = np.unique(mesh.get_coordinates()[0, :, 0])
+    array = np.ma.asarray(mesh.get_array()).reshape(200, -1)
+    drawn = ~np.ma.getmaskarray(array).all(axis=0)
+    cells = [(lo, hi) for lo, hi, d in zip(edges[:-1], edges[1:], drawn, strict=True) if d]
+    assert len(cells) == 5
+    for (lo, hi), epoch in zip(cells, epochs, strict=True):
+        assert lo < epoch < hi and hi - lo <= 6 + 1e-9
+    assert cells[2][1] <= 97.5 + 1e-9 and cells[3][0] >= 97.5 - 1e-9  # midpoint 95 | 100
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert any("rank 113" in t and "epoch 100" in t for t in texts), texts
+    assert_renders(fig)
 
 
 def test_plot_spectrum_evolution_handles_nan_padding():
@@ -169,7 +198,7 @@ def test_plot_spectrum_evolution_handles_nan_padding():
     fig = plot_spectrum_evolution(torch.from_numpy(epochs), values, cliffs)
     assert_renders(fig)
     mesh = next(c for c in fig.axes[0].collections if isinstance(c, QuadMesh))
-    assert np.ma.count_masked(mesh.get_array()) == 3 * 50 + 1
+    assert np.ma.count_masked(evaluation_columns(fig, 200)) == 3 * 50 + 1
     assert np.isfinite(mesh.get_clim()).all()
 
 

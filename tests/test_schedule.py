@@ -6,6 +6,7 @@ import statistics
 import pytest
 
 from lightning_entk.schedule import (
+    WINDOW_SHARE,
     Clock,
     FixedCadence,
     TimeBudget,
@@ -22,12 +23,14 @@ class SimulatedTime:
         return self.now
 
 
-def run(budget, steps, step_seconds, evaluation_seconds, signal, sentinel=None):
+def run(budget, steps, step_seconds, evaluation_seconds, signal, sentinel=None, outlook=None):
     """Train ``steps`` steps of ``step_seconds`` each on a simulated clock, evaluating when the
     budget says so; ``evaluation_seconds(i)`` is the i-th evaluation's cost and
     ``signal(step)`` its kernel regression accuracy; ``sentinel(step)``, if given, a sentinel
-    reading's alignment at every step (free). Returns the evaluated steps and the clock's split
-    into training and monitor seconds after each evaluation."""
+    reading's alignment at every step (free); ``outlook(step)``, if given, the monitor's
+    ``(alarm, high, watched)`` told to the schedule at every step (one step per epoch). Returns
+    the evaluated steps and the clock's split into training and monitor seconds after each
+    evaluation."""
     time = SimulatedTime()
     clock = Clock(time)
     clock.start()
@@ -49,6 +52,8 @@ def run(budget, steps, step_seconds, evaluation_seconds, signal, sentinel=None):
         time.now += step_seconds
         if sentinel is not None:
             budget.observe(step, {"entk/sentinel/heldout_alignment": sentinel(step)})
+        if outlook is not None:
+            budget.expect(step, step, *outlook(step))
         if budget.due(step, step, True) and budget.allows(step, clock):
             evaluate(step)
     return evaluated, ledger
@@ -206,3 +211,72 @@ def test_moving_signals_and_their_change():
 def test_time_budget_invalid_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         TimeBudget(**kwargs)
+
+
+def transition(alarm=300, high=500, rise=(450, 550)):
+    """The monitor's outlook on a run whose watched metric rises linearly from 0 to 1 over
+    ``rise`` (epochs = steps): an alarm at ``alarm`` with a forecast whose high end is ``high``."""
+
+    def outlook(step):
+        watched = min(max((step - rise[0]) / (rise[1] - rise[0]), 0.0), 1.0)
+        return (alarm if step >= alarm else None, high if step >= alarm else None, watched)
+
+    return outlook
+
+
+def test_time_budget_places_evaluations_in_the_transition_window():
+    """Evaluations as dear as 50 steps each, a 10% budget, a flat kernel: without an outlook
+    they come about every 500 steps; with an alarm at 300 and a forecast up to 500 one comes at
+    the alarm and several before the watched metric reaches 0.95 (at 545), none closer than
+    the window's least gap, and after the window the budget pays them back."""
+    step_seconds, cost = 0.01, 0.5
+    plain, _ = run(TimeBudget(), 3000, step_seconds, lambda i: cost, lambda s: 0.5)
+    placed, ledger = run(
+        TimeBudget(), 3000, step_seconds, lambda i: cost, lambda s: 0.5, outlook=transition()
+    )
+    assert 300 in placed
+    assert len([s for s in plain if 300 <= s <= 545]) <= 1, plain
+    window = [s for s in placed if 300 <= s <= 545]
+    assert len(window) >= 3, placed
+    least = cost / (WINDOW_SHARE * step_seconds)
+    assert min(b - a for a, b in itertools.pairwise(window)) >= least - 1, placed
+    assert [s for s in placed if 0 < s < 300] == [s for s in plain if 0 < s < 300]  # sparse
+    after = [s for s in placed if s > 700]
+    assert len(after) < len([s for s in plain if s > 700]), (placed, plain)  # paid back
+    # Paid back: with the one at the end of training, the run's 10%.
+    assert ledger[-1][1] + cost <= 0.1 * 3000 * step_seconds + 1e-9
+
+
+def test_time_budget_window_follows_the_watched_metric_until_it_plateaus():
+    """The forecast's high end passed (an early, wrong forecast) while the watched metric
+    still rises: evaluations keep coming at the window's least gap until it is flat."""
+    placed, _ = run(
+        TimeBudget(burst=8),
+        1500,
+        0.01,
+        lambda i: 0.2,
+        lambda s: 0.5,
+        outlook=transition(alarm=300, high=320, rise=(400, 700)),
+    )
+    rising = [s for s in placed if 400 < s <= 700]
+    assert len(rising) >= 4, placed
+    gaps = [b - a for a, b in itertools.pairwise(rising)]
+    assert max(gaps) <= 2 * 0.2 / (WINDOW_SHARE * 0.01) + 1, placed
+    assert len([s for s in placed if 800 <= s <= 1500]) <= 2, placed
+
+
+def test_time_budget_window_opens_once_and_round_trips():
+    budget = TimeBudget()
+    run(budget, 400, 0.01, lambda i: 0.05, lambda s: 0.5, outlook=transition())
+    assert budget.in_window()
+    clone = TimeBudget()
+    clone.load_state_dict(budget.state_dict())
+    assert clone.in_window() and clone.state_dict() == budget.state_dict()
+    budget.expect(400, 400, alarm=380, high=None, watched=None)  # a later alarm changes nothing
+    assert budget.state_dict()["alarm"] == 300
+
+
+def test_fixed_cadence_ignores_the_outlook():
+    cadence = FixedCadence(every_n_epochs=10)
+    cadence.expect(5, 5, alarm=5, high=50.0, watched=0.3)
+    assert [e for e in range(1, 31) if cadence.due(e, e, epoch_end=True)] == [10, 20, 30]

@@ -434,3 +434,160 @@ class TiedHeads(nn.Module):
         up = torch.tanh(torch.einsum("nthd,hdk->nthk", x, self.W))
         down = torch.einsum("nthk,hdk->nthd", up, self.W)
         return self.head(torch.tanh(down.reshape(n, t, -1)).mean(1))
+
+
+class Float32NormMLP(nn.Module):
+    """A float64 model with float32 islands, as Hugging Face writes its norms: an RMSNorm that
+    computes in float32 and casts back (``x.to(torch.float32)`` ... ``weight * x.to(dtype)``),
+    and with ``cast_hidden`` a layer fed ``x.float()`` cast back after it; with ``gemma``
+    Gemma's norm, ``x * (1 + weight.float())`` in float32."""
+
+    def __init__(self, d=5, hidden=8, out_features=3, cast_hidden=False, gemma=False):
+        super().__init__()
+        self.cast_hidden, self.gemma = cast_hidden, gemma
+        self.fc1 = nn.Linear(d, hidden)
+        self.norm_weight = nn.Parameter(1.0 + 0.1 * torch.randn(hidden))
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.fc3 = nn.Linear(hidden, out_features)
+
+    def rms_norm(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x = x.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        if self.gemma:
+            return (x * (1.0 + self.norm_weight.float())).to(dtype)
+        return self.norm_weight * x.to(dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.rms_norm(self.fc1(x)))
+        if self.cast_hidden:
+            w, b = self.fc2.weight, self.fc2.bias
+            h = torch.tanh(F.linear(h.float(), w.float(), b.float()).to(x.dtype))
+        else:
+            h = torch.tanh(self.fc2(h))
+        return self.fc3(h)
+
+
+class RelativeBiasAttention(nn.Module):
+    """Window attention with a shared relative-position bias, as Swin and T5 write it: a
+    table of (relative offsets, heads) looked up with a fixed index buffer (``table[index]``,
+    Swin) or ``nn.Embedding`` (T5), reshaped and permuted into the heads, and added to every
+    point's attention scores."""
+
+    def __init__(self, vocab=11, t=4, d=8, heads=2, classes=3, lookup="index"):
+        super().__init__()
+        self.heads, self.lookup = heads, lookup
+        self.embed = nn.Embedding(vocab, d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, classes)
+        self.table = nn.Embedding(2 * t - 1, heads)
+        pos = torch.arange(t)
+        self.register_buffer("index", pos[None, :] - pos[:, None] + t - 1)
+
+    def bias(self) -> Tensor:
+        t = self.index.shape[0]
+        if self.lookup == "index":  # Swin: table[index.view(-1)].view(T, T, H).permute
+            rows = self.table.weight[self.index.view(-1)]
+            return rows.view(t, t, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
+        return self.table(self.index).permute([2, 0, 1]).unsqueeze(0)  # T5
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        n, t = tokens.shape
+        q, k, v = self.qkv(self.embed(tokens)).view(n, t, 3, self.heads, -1).unbind(2)
+        q, k, v = (z.transpose(1, 2) for z in (q, k, v))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + self.bias()
+        h = (scores.softmax(-1) @ v).transpose(1, 2).reshape(n, t, -1)
+        return self.out(torch.tanh(h).mean(1))
+
+
+class CachedRecurrent(nn.Module):
+    """A recurrent cell that, with ``use_cache=True`` (the default, as RWKV's), decays its
+    state in place after the step: the eval-mode forward cannot be differentiated, and
+    ``use_cache=False`` can."""
+
+    def __init__(self, d: int = 5, hidden: int = 6, out_features: int = 3):
+        super().__init__()
+        self.inp = nn.Linear(d, hidden)
+        self.head = nn.Linear(hidden, out_features)
+        self.decay = 0.5
+
+    def forward(self, x: Tensor, use_cache: bool = True) -> Tensor:
+        state = torch.exp(-self.inp(x).pow(2))  # exp keeps its output for the backward pass
+        out = self.head(state)
+        if use_cache:
+            state.mul_(self.decay)  # the cache for the next step, in place
+        return out
+
+
+class _OldStyleGelu(torch.autograd.Function):
+    """A GELU as an old-style ``autograd.Function`` (``ctx`` in ``forward``, no
+    ``setup_context``), as BLOOM writes it: ``torch.func`` refuses it."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        inner = 0.79788456 * x * (1 + 0.044715 * x * x)
+        th = torch.tanh(inner)
+        d_inner = 0.79788456 * (1 + 3 * 0.044715 * x * x)
+        return grad * (0.5 * (1 + th) + 0.5 * x * (1 - th * th) * d_inner)
+
+
+class OldStyleFunctionMLP(nn.Module):
+    """An MLP whose activation is an old-style ``autograd.Function`` (BLOOM's GELU)."""
+
+    def __init__(self, d: int = 5, hidden: int = 8, out_features: int = 3):
+        super().__init__()
+        self.fc1 = nn.Linear(d, hidden)
+        self.fc2 = nn.Linear(hidden, out_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(_OldStyleGelu.apply(self.fc1(x)))
+
+
+class KeywordConv(nn.Module):
+    """A causal depthwise convolution called with keywords and no ``stride``, as Mamba's CPU
+    path calls it (``F.conv1d(input=..., weight=..., bias=..., padding=k - 1, groups=d)``),
+    and a ``conv2d`` given ``padding="valid"``."""
+
+    def __init__(self, vocab: int = 11, d: int = 4, k: int = 3, classes: int = 3):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.conv = nn.Conv1d(d, d, k, groups=d, padding=k - 1)
+        self.conv2 = nn.Conv2d(1, 2, 2)
+        self.out = nn.Linear(2 * (d - 1), classes)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        t = tokens.shape[1]
+        x = self.embed(tokens).transpose(1, 2)
+        w, b = self.conv.weight, self.conv.bias
+        h = F.conv1d(input=x, weight=w, bias=b, padding=w.shape[-1] - 1, groups=x.shape[1])
+        h = F.silu(h[..., :t]).mean(-1)  # (N, d)
+        g = F.conv2d(h[:, None, :, None].expand(-1, 1, -1, 2), self.conv2.weight,
+                     self.conv2.bias, padding="valid")  # fmt: skip
+        return self.out(torch.tanh(g).flatten(1))
+
+
+class TokenRouting(nn.Module):
+    """Tokens routed by sign to one of two experts, each applied to the tokens it gets
+    (``x[idx]``, a data-dependent number of rows, then ``index_add_``), as mixture-of-experts
+    layers do: the operations' shapes differ from point to point."""
+
+    def __init__(self, vocab: int = 11, d: int = 6, classes: int = 3):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.experts = nn.ModuleList([nn.Linear(d, d), nn.Linear(d, d)])
+        self.out = nn.Linear(d, classes)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        h = self.embed(tokens)
+        flat = h.reshape(-1, h.shape[-1])
+        mixed = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            idx = ((flat[:, 0] > 0) == bool(e)).nonzero()[:, 0]
+            mixed = mixed.index_add(0, idx, torch.tanh(expert(flat[idx])))
+        return self.out(mixed.view_as(h).mean(1))

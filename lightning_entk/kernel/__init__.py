@@ -54,7 +54,7 @@ from lightning_entk.kernel.options import (
     check_projection_mode,
 )
 from lightning_entk.kernel.plan import NTKPlan, ntk_plan
-from lightning_entk.kernel.points import ForwardFn, OutputFn, Points
+from lightning_entk.kernel.points import ForwardFn, NotDifferentiableError, OutputFn, Points
 
 MODES = ("full", "trace", "diagonal", "flatten")
 
@@ -68,6 +68,7 @@ __all__ = [
     "KernelOptions",
     "NTKMethod",
     "NTKPlan",
+    "NotDifferentiableError",
     "OutputFn",
     "ParamSelection",
     "Points",

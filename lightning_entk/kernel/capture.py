@@ -54,6 +54,10 @@ _CASTS = {T.to, T.float, T.double, T.type_as, T.type}
 # Scaling by a number.
 _SCALES = {T.__mul__: 1, T.__rmul__: 1, torch.mul: 1, T.mul: 1, T.__truediv__: -1, T.div: -1}
 _NEGATIONS = {T.__neg__, torch.neg, T.neg}
+# Adding a number: every rule's derivative is the view's, whatever the offset (Gemma's
+# ``x * (1 + weight)``); the sign of the view is kept.
+_OFFSETS = {T.__add__: 1, T.__radd__: 1, torch.add: 1, T.add: 1, T.__sub__: 1, T.sub: 1,
+            torch.sub: 1, T.__rsub__: -1, torch.rsub: -1}  # fmt: skip
 
 _MATMULS = {torch.matmul, T.matmul, T.__matmul__, torch.mm, T.mm, torch.bmm, T.bmm}
 _ADDMMS = {torch.addmm, T.addmm, torch.baddbmm, T.baddbmm}
@@ -63,6 +67,10 @@ _SUBS = {torch.sub, T.sub, T.__sub__, T.sub_, T.__isub__}
 _INPLACE = {T.mul_, T.__imul__, T.add_, T.__iadd__, T.sub_, T.__isub__}
 # Python functions that pass themselves whole to the mode: their bodies are watched instead.
 _DESCEND = {F.multi_head_attention_forward}
+
+
+class ShapeChanged(RuntimeError):
+    """A pass whose operations differ from discovery's in number or shape."""
 
 
 class _View:
@@ -83,6 +91,9 @@ class Capture(TorchFunctionMode):
         perturbations: ``None`` on a first pass (shapes only); after it, one tensor per
             operation, in the order of :attr:`z_shapes`, added to that operation's output.
         indices: name -> :func:`element_indices` of the parameter, when already made.
+        same_shapes: each operation's output must have its perturbation's shape (a pass over
+            one point, as discovery's): else :class:`ShapeChanged` (data-dependent shapes),
+            not a perturbation broadcast over a different output.
     """
 
     def __init__(
@@ -90,6 +101,7 @@ class Capture(TorchFunctionMode):
         params: dict[str, Tensor],
         perturbations: tuple | None = None,
         indices: dict[str, Tensor] | None = None,
+        same_shapes: bool = False,
     ) -> None:
         super().__init__()
         indices = indices or {}
@@ -98,19 +110,37 @@ class Capture(TorchFunctionMode):
             for name, p in params.items()
         }
         self.perturbations = perturbations
+        self.same_shapes = same_shapes
+        self.dtype = next(iter(params.values())).dtype if params else None
         self.uses: list[Use] = []
         self.factors: list[Tensor] = []  # one per use of kind "dense" or "tokens", in order
         self.z_shapes: list[tuple[int, ...]] = []
         self.opaque: set[str] = set()
+        # The least precise floating dtype any operation computed in: a float64 model with a
+        # float32 island (a norm computed in float32) is only as precise as the island.
+        self.precision: torch.dtype | None = None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+        out = self._handle(func, args, kwargs or {})
+        for t in out if isinstance(out, tuple | list) else (out,):
+            if isinstance(t, Tensor) and t.is_floating_point():
+                if self.precision is None or _eps(t.dtype) > _eps(self.precision):
+                    self.precision = t.dtype
+        return out
+
+    def _handle(self, func, args, kwargs):
         if func in _DESCEND:
             return self._descend(func, args, kwargs)
         views = [self.views[id(t)] for t in _tensors((args, kwargs)) if id(t) in self.views]
         if not views:
             return func(*args, **kwargs)
-        if func in _VIEWS or func in _CASTS or func in _SCALES or func in _NEGATIONS:
+        if (
+            func in _VIEWS
+            or func in _CASTS
+            or func in _SCALES
+            or func in _NEGATIONS
+            or (func in _OFFSETS and _is_number(args[1] if len(args) > 1 else None))
+        ):
             tracked = self._follow_view(func, args, kwargs)
             if tracked is not None:
                 return tracked
@@ -145,6 +175,8 @@ class Capture(TorchFunctionMode):
             self._track(out, view.param, view.index, scale)
         elif func in _NEGATIONS:
             self._track(out, view.param, view.index, -view.scale)
+        elif func in _OFFSETS:
+            self._track(out, view.param, view.index, view.scale * _OFFSETS[func])
         elif func in _CASTS:
             self._track(out, view.param, view.index, view.scale)
         else:
@@ -196,6 +228,12 @@ class Capture(TorchFunctionMode):
             x, w, b, stride, padding, dilation, groups = _bind(
                 args, kwargs, ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
             )
+            stride, padding, dilation, groups = (  # keywords left out take their defaults
+                d if v is None else v
+                for v, d in zip((stride, padding, dilation, groups), (1, 0, 1, 1), strict=True)
+            )
+            if padding == "valid":
+                padding = 0
             return self._conv(func, x, w, b, stride, padding, dilation, groups)
         if func in _MULS:
             return self._mul(func, args[0], args[1])
@@ -386,11 +424,16 @@ class Capture(TorchFunctionMode):
         for use, factor in committed:
             use.z = z
             self.uses.append(use)
-            if factor is not None:
-                self.factors.append(factor)
+            if factor is not None:  # a float32 island's factor in the parameters' dtype
+                self.factors.append(factor.to(self.dtype) if factor.is_floating_point() else factor)
         if self.perturbations is None:
             return y
-        return y.add_(self.perturbations[z]) if inplace else y + self.perturbations[z]
+        if z >= len(self.perturbations) or (
+            self.same_shapes and self.perturbations[z].shape != y.shape
+        ):
+            raise ShapeChanged("an operation's output differs from discovery's")
+        z = self.perturbations[z].to(y.dtype)  # the operation computes in its own dtype
+        return y.add_(z) if inplace else y + z
 
     def _descend(self, func, args, kwargs):
         """Run ``func``'s body with this mode active (see the module docstring)."""
@@ -406,6 +449,14 @@ def _torch_function_checks_off() -> Iterator[None]:
         yield
     finally:
         F.has_torch_function = original
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def _eps(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps
 
 
 def element_indices(p: Tensor) -> Tensor:

@@ -54,7 +54,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from lightning_entk.kernel.budget import MemoryBudget
 from lightning_entk.kernel.capture import Capture, element_indices
 from lightning_entk.kernel.factors import ColumnBlock, FactorBlock, Jacobian, TiedBlock
-from lightning_entk.kernel.generic import generic_columns
+from lightning_entk.kernel.generic import generic_columns, output_gradients
 from lightning_entk.kernel.options import (
     KernelOptions,
     NTKMethod,
@@ -65,6 +65,7 @@ from lightning_entk.kernel.options import (
 )
 from lightning_entk.kernel.points import (
     ForwardFn,
+    NotDifferentiableError,
     OutputFn,
     Points,
     as_output_matrix,
@@ -270,12 +271,27 @@ class Structure:
     capture_reason: str = ""
     points: list[PointsDim | None] = field(default_factory=list)  # per operation, None: shared
     checked: bool = False  # the capture passed :meth:`NTKContext._check` already
+    precision: torch.dtype | None = None  # the least precise dtype the forward computes in
     trial_points: int = 0  # points of the trial that chose the capture route
     trial_seconds: float = 0.0  # the trial's capture by that route
 
     @property
     def structured(self) -> list[str]:
         return list(dict.fromkeys(u.param for u in self.uses))
+
+    def drop(self, names: dict[str, str]) -> None:
+        """Move the parameters ``names`` (name -> why) to the generic path. A capture that no
+        longer watches them commits no perturbation to an operation that used only them, so
+        the remaining operations are numbered again, in the order of the forward pass."""
+        self.generic.update(names)
+        self.uses = [u for u in self.uses if u.param not in names]
+        live = sorted({u.z for u in self.uses})
+        renumbered = {old: new for new, old in enumerate(live)}
+        for use in self.uses:
+            use.z = renumbered[use.z]
+        self.z_shapes = [self.z_shapes[z] for z in live]
+        if self.points:
+            self.points = [self.points[z] for z in live]
 
     def fall_back(self, route: CaptureRoute, reason: str) -> None:
         """Capture by ``route`` from now on, because of ``reason`` (kept after the reasons of
@@ -366,14 +382,16 @@ class NTKContext:
     def _state(self) -> dict[str, Tensor]:
         return {f"model.{k}": v for k, v in {**self.params, **self.buffers}.items()}
 
-    def _capture(self, names: Iterable[str], perturbations: tuple | None = None) -> Capture:
+    def _capture(
+        self, names: Iterable[str], perturbations: tuple | None = None, same_shapes=False
+    ) -> Capture:
         """A capture watching the parameters ``names``; their element indices made once."""
         indices = self.discovery.indices
         for name in names:
             if name not in indices:
                 indices[name] = element_indices(self.params[name])
         watched = {name: self.params[name] for name in names}
-        return Capture(watched, perturbations, indices)
+        return Capture(watched, perturbations, indices, same_shapes)
 
     def _call_model(self, call, x: Points):
         """``call()``, a forward pass of points of ``x``; a failure of the model itself is a
@@ -414,6 +432,7 @@ class NTKContext:
                 found.uses, found.z_shapes = [], []
                 break
             opaque = [n for n in watched if n in capture.opaque]
+            found.precision = capture.precision
             if not opaque:
                 found.uses, found.z_shapes = capture.uses, capture.z_shapes
                 break
@@ -431,7 +450,10 @@ class NTKContext:
     def _choose_capture(self, found: Structure, sample: Points) -> None:
         """How points are captured, from a trial on a few points: batched when the model is
         batch-aligned (:meth:`_batch_aligned`) and a batched pass passes :meth:`_check`, else
-        under ``vmap``, else (``vmap`` cannot batch the model) one point at a time."""
+        under ``vmap``, else (``vmap`` cannot batch the model) one point at a time. The trial
+        is checked whatever the route, so that a parameter that fails the check (a use the
+        capture did not see) moves to the generic path here, where :func:`ntk_plan` sees it,
+        and the batched pass is tried again without it."""
         found.trial_points = num_points(sample)
         aligned = self._batch_aligned(found, sample)
         if aligned is True:
@@ -440,19 +462,33 @@ class NTKContext:
                 start = time.perf_counter()
                 grads, factors = self._batched_chunk(found, watched, sample)
                 found.trial_seconds = time.perf_counter() - start
-                if not self._check(found.uses, _use_factors(found.uses, grads, factors), sample):
+                per_use = _use_factors(found.uses, grads, factors)
+                if not self._check(found, per_use, sample):
                     found.checked = True  # on the points the first chunk starts with
                     return
                 aligned = "a batched pass did not match autograd on single points"
             except RuntimeError as err:  # a shared output that cannot take a point dim
                 aligned = f"a batched pass failed: {_brief(err)}"
+        retry = found.capture == CaptureRoute.BATCHED and aligned.startswith("a batched pass")
+        reason = found.capture_reason
         found.fall_back(CaptureRoute.VMAP, aligned)
-        start = time.perf_counter()
-        self._captured_chunk(found, sample)  # falls to one point at a time if vmap cannot
-        if found.capture != CaptureRoute.VMAP:  # timed again, by the route taken alone
+        try:
             start = time.perf_counter()
-            self._captured_chunk(found, sample)
+            grads, factors = self._captured_chunk(found, sample)  # one by one if vmap cannot
+            if found.capture != CaptureRoute.VMAP:  # timed again, by the route taken alone
+                start = time.perf_counter()
+                grads, factors = self._captured_chunk(found, sample)
+        except PointMismatch as err:
+            found.drop(dict.fromkeys(found.structured, f"operations differ by point: {err}"))
+            return
         found.trial_seconds = time.perf_counter() - start
+        failed = self._check(found, _use_factors(found.uses, grads, factors), sample)
+        found.checked = True
+        if failed:
+            found.drop(failed)
+            if found.uses and retry:  # the batched pass may have failed on those alone
+                found.capture, found.capture_reason = CaptureRoute.BATCHED, reason
+                self._choose_capture(found, sample)
 
     def _batch_aligned(self, found: Structure, x: Points) -> bool | str:
         """Whether each operation's output holds the points along one dim (alone, or merged
@@ -492,7 +528,10 @@ class NTKContext:
         found.points = [options[0] for options in candidates]
         ambiguous = [z for z, options in enumerate(candidates) if len(options) > 1]
         if ambiguous:
-            support = self._point_support(found, x, ambiguous)
+            try:
+                support = self._point_support(found, x, ambiguous)
+            except RuntimeError as err:  # a shared output that cannot take a points dim
+                return f"a batched pass failed: {_brief(err)}"
             for z, grad in zip(ambiguous, support, strict=True):
                 fits = [p for p in candidates[z] if _reads_points(p, grad, found.z_shapes[z])]
                 if not fits:
@@ -518,9 +557,7 @@ class NTKContext:
 
     def _drop_from_structure(self, names: dict[str, str]) -> None:
         """Move parameters to the generic path after the check."""
-        s = self.discovery.structure
-        s.generic.update(names)
-        s.uses = [u for u in s.uses if u.param not in names]
+        self.discovery.structure.drop(names)
 
     # ---------------------------------------------------------------------------------------
     # Capture.
@@ -544,22 +581,48 @@ class NTKContext:
             out = self.forward(self.params, tree_map(lambda t: t.unsqueeze(0), point), capture)
             return out[0], tuple(capture.factors)
 
-        differentiate = jacrev(per_point, has_aux=True)
         if structure.capture == CaptureRoute.VMAP:
             zs = tuple(like.new_zeros(n, *s) for s in structure.z_shapes)
             try:
                 with quiet_batching_fallback():
-                    grads, factors = vmap(differentiate)(zs, chunk)
+                    grads, factors = vmap(jacrev(per_point, has_aux=True))(zs, chunk)
                 return list(grads), list(factors)
             except RuntimeError as err:  # data-dependent control flow, or an op vmap cannot batch
                 structure.fall_back(
                     CaptureRoute.PER_POINT, f"vmap could not batch it: {_brief(err)}"
                 )
-        zs = tuple(like.new_zeros(*s) for s in structure.z_shapes)
-        results = [differentiate(zs, take(chunk, i)) for i in range(n)]
+        results = [self._one_point(structure, watched, take(chunk, slice(i, i + 1)))
+                   for i in range(n)]  # fmt: skip
         grads = [torch.stack(g) for g in zip(*(r[0] for r in results), strict=True)]
         factors = [torch.stack(f) for f in zip(*(r[1] for r in results), strict=True)]
         return grads, factors
+
+    def _one_point(self, structure: Structure, watched: dict, point: Points):
+        """Output gradients (C, *y) per operation and factors per use of one point (a batch
+        of one), by plain autograd: no ``torch.func`` transform, so that operations it
+        refuses (an ``autograd.Function`` without ``setup_context``) are captured too.
+
+        Raises:
+            PointMismatch: the point runs other operations, or other shapes, than discovery's
+                (data-dependent routing).
+            NotDifferentiableError: the forward pass cannot be differentiated.
+        """
+        like = next(iter(watched.values()))
+        zs = [like.new_zeros(*s).requires_grad_() for s in structure.z_shapes]
+        capture = self._capture(watched, tuple(zs), same_shapes=True)
+        try:
+            with torch.enable_grad():
+                out = self.forward(self.params, point, capture)
+        except RuntimeError as err:  # ShapeChanged included
+            raise PointMismatch(_brief(err)) from err
+        if len(capture.uses) != len(structure.uses):
+            raise PointMismatch("the operations differ from point to point")
+        try:
+            with torch.enable_grad():
+                grads = output_gradients(out, zs)
+        except RuntimeError as err:
+            raise NotDifferentiableError.of(err) from err
+        return list(grads), [f.detach() for f in capture.factors]
 
     def _batched_chunk(self, structure: Structure, watched: dict, chunk: Points):
         """One batched pass over the chunk (see :meth:`_batch_aligned`)."""
@@ -646,10 +709,16 @@ class NTKContext:
         joined: list[tuple[Tensor, Tensor | None]] = []
         for start in range(0, n, step):
             chunk = take(x, slice(start, start + step))
-            grads, factors = self._captured_chunk(structure, chunk)
+            try:
+                grads, factors = self._captured_chunk(structure, chunk)
+            except PointMismatch as err:  # a point unlike the trial's: everything generic
+                self._drop_from_structure(
+                    dict.fromkeys(structure.structured, f"operations differ by point: {err}")
+                )
+                return [], self.num_outputs()
             per_use = _use_factors(structure.uses, grads, factors)
             if start == 0:
-                failed = {} if structure.checked else self._check(structure.uses, per_use, chunk)
+                failed = {} if structure.checked else self._check(structure, per_use, chunk)
                 if failed and structure.capture == CaptureRoute.BATCHED:
                     reason = "a batched pass did not match autograd on single points"
                     structure.fall_back(CaptureRoute.VMAP, reason)
@@ -681,14 +750,17 @@ class NTKContext:
         per_point = 3 * c * itemsize * sum(math.prod(s) for s in structure.z_shapes)
         return max(1, min(self.batch_size, n, self.budget.piece // max(per_point, 1)))
 
-    def _check(self, uses: list[Use], per_use, chunk: Points) -> dict[str, str]:
+    def _check(self, structure: Structure, per_use, chunk: Points) -> dict[str, str]:
         """Parameters whose gradient, rebuilt from the factors for a random combination of
         outputs, differs from autograd's, on each of up to two points alone (a use the capture
         missed, or positions given to the wrong point)."""
+        uses = structure.uses
         names = list(dict.fromkeys(u.param for u in uses))
         generator = torch.Generator(device="cpu").manual_seed(0)
         c = per_use[0][0].shape[2]
-        tol = math.sqrt(torch.finfo(self.dtype).eps)
+        # Round-off of the least precise dtype the forward computes in (a float64 model with
+        # a float32 norm inside is as precise as float32); a missed use is an error of order 1.
+        tol = math.sqrt(torch.finfo(structure.precision or self.dtype).eps)
         failed = {}
         for i in range(min(2, num_points(chunk))):
             v = torch.randn(1, c, generator=generator, dtype=self.dtype).to(self.device)
@@ -755,6 +827,11 @@ class NTKContext:
                 columns = _columns_from_factors(mine, factors, n, c, self.budget.column_piece)
                 blocks.append(self._column_block(columns, self.params[name].numel(), n, c))
         return blocks, owners
+
+
+class PointMismatch(Exception):
+    """A point whose operations differ from those discovery saw (data-dependent routing, as
+    in a mixture of experts): its structured parameters take the generic path."""
 
 
 def block_route(uses: list[Use]) -> str:
@@ -956,39 +1033,3 @@ def _columns_from_factors(uses: list[Use], parts, n: int, c: int, budget: int):
         return out
 
     return columns
-
-
-# Outputs whose backward passes run together (batched): large enough for efficient matrix
-# products, small enough that the batched intermediates stay near the size of the factors.
-_OUTPUTS_PER_BACKWARD = 32
-
-
-def output_gradients(out: Tensor, zs: list[Tensor]) -> list[Tensor]:
-    """Gradients of each output column of ``out`` (N, C) with respect to each of ``zs``:
-    one tensor (C, *z.shape) per z. Backward passes are batched over outputs; a model whose
-    backward cannot be batched takes one pass per output."""
-    n, c = out.shape
-    eye = torch.eye(c, dtype=out.dtype, device=out.device)
-    parts = []
-    for lo in range(0, c, _OUTPUTS_PER_BACKWARD):
-        seeds = eye[lo : lo + _OUTPUTS_PER_BACKWARD, None, :].expand(-1, n, c)
-        try:
-            grads = torch.autograd.grad(
-                out, zs, grad_outputs=seeds, retain_graph=True, is_grads_batched=True,
-                materialize_grads=True,  # zeros for an operation that does not reach `out`
-            )  # fmt: skip
-        except RuntimeError:  # an operation without a batching rule for its backward
-            per_output = [
-                torch.autograd.grad(out, zs, seed, retain_graph=True, materialize_grads=True)
-                for seed in seeds
-            ]
-            grads = [torch.stack(gs) for gs in zip(*per_output, strict=True)]
-        rows = len(seeds)
-        grads = [
-            g if g.dim() > z.dim() else g.expand(rows, *z.shape)
-            for g, z in zip(grads, zs, strict=True)
-        ]
-        parts.append(grads)
-    if len(parts) == 1:
-        return list(parts[0])
-    return [torch.cat(gs) for gs in zip(*parts, strict=True)]

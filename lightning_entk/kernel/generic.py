@@ -17,7 +17,13 @@ import torch
 from torch import Tensor
 from torch.func import jacrev, vmap
 
-from lightning_entk.kernel.points import Points, num_points, quiet_batching_fallback, take
+from lightning_entk.kernel.points import (
+    NotDifferentiableError,
+    Points,
+    num_points,
+    quiet_batching_fallback,
+    take,
+)
 
 
 def generic_columns(
@@ -68,7 +74,55 @@ def generic_columns(
                     out[start : start + step] = batched(delta, chunk)
             except RuntimeError:  # an operation vmap cannot batch: one point at a time
                 for i in range(num_points(chunk)):
-                    out[start + i] = differentiate(delta, take(chunk, i))
+                    out[start + i] = _one_point(outputs, delta, take(chunk, i))
         return out
 
     return columns, total
+
+
+def _one_point(outputs: Callable[[Tensor, Points], Tensor], delta: Tensor, point: Points):
+    """``(C, len(delta))``: the Jacobian of one point's outputs by plain autograd, so that
+    operations ``torch.func`` refuses (an ``autograd.Function`` without ``setup_context``)
+    are differentiated too."""
+    delta = delta.detach().requires_grad_()
+    try:
+        with torch.enable_grad():
+            return output_gradients(outputs(delta, point)[None], [delta])[0]
+    except RuntimeError as err:
+        raise NotDifferentiableError.of(err) from err
+
+
+# Outputs whose backward passes run together (batched): large enough for efficient matrix
+# products, small enough that the batched intermediates stay near the size of the factors.
+_OUTPUTS_PER_BACKWARD = 32
+
+
+def output_gradients(out: Tensor, zs: list[Tensor]) -> list[Tensor]:
+    """Gradients of each output column of ``out`` (N, C) with respect to each of ``zs``:
+    one tensor (C, *z.shape) per z. Backward passes are batched over outputs; a model whose
+    backward cannot be batched takes one pass per output."""
+    n, c = out.shape
+    eye = torch.eye(c, dtype=out.dtype, device=out.device)
+    parts = []
+    for lo in range(0, c, _OUTPUTS_PER_BACKWARD):
+        seeds = eye[lo : lo + _OUTPUTS_PER_BACKWARD, None, :].expand(-1, n, c)
+        try:
+            grads = torch.autograd.grad(
+                out, zs, grad_outputs=seeds, retain_graph=True, is_grads_batched=True,
+                materialize_grads=True,  # zeros for an operation that does not reach `out`
+            )  # fmt: skip
+        except RuntimeError:  # an operation without a batching rule for its backward
+            per_output = [
+                torch.autograd.grad(out, zs, seed, retain_graph=True, materialize_grads=True)
+                for seed in seeds
+            ]
+            grads = [torch.stack(gs) for gs in zip(*per_output, strict=True)]
+        rows = len(seeds)
+        grads = [
+            g if g.dim() > z.dim() else g.expand(rows, *z.shape)
+            for g, z in zip(grads, zs, strict=True)
+        ]
+        parts.append(grads)
+    if len(parts) == 1:
+        return list(parts[0])
+    return [torch.cat(gs) for gs in zip(*parts, strict=True)]

@@ -34,6 +34,22 @@ def quiet_batching_fallback() -> Iterator[None]:
         yield
 
 
+class NotDifferentiableError(RuntimeError):
+    """The model's forward pass cannot be differentiated with respect to its parameters (an
+    eval-mode forward that writes a cache in place, a detached output), or not point by
+    point; the message names the cause and what to pass instead."""
+
+    @classmethod
+    def of(cls, err: Exception) -> NotDifferentiableError:
+        return cls(
+            "The model's forward pass could not be differentiated with respect to its "
+            f"parameters on one point ({type(err).__name__}: {err}). A forward that writes "
+            "state in place in eval mode (a cache, e.g. `use_cache=True`) or detaches its "
+            "output cannot be; pass `forward_fn(model, points) -> (N, C)` that turns it off, "
+            "e.g. `forward_fn=lambda m, x: m(x, use_cache=False).logits[:, -1]`."
+        )
+
+
 def leaves(points: Points) -> list[Tensor]:
     """The tensors of ``points``, in pytree order."""
     return tree_flatten(points)[0]

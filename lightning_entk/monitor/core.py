@@ -53,7 +53,7 @@ from lightning_entk.kernel import KernelOptions, ntk_plan
 from lightning_entk.kernel.budget import MemoryBudget
 from lightning_entk.kernel.options import check_projection_mode
 from lightning_entk.kernel.points import num_points, to_device
-from lightning_entk.milestones import first_epoch_reaching
+from lightning_entk.milestones import first_epoch_reaching, new_ranks_first_seen
 from lightning_entk.monitor import report
 from lightning_entk.monitor.sentinel import Reading, Sentinel
 from lightning_entk.monitor.sinks import Sink, as_sink, tensorboard_layout
@@ -73,8 +73,11 @@ from lightning_entk.schedule import (
 
 log = logging.getLogger("lightning_entk")
 
+RANK_TOLERANCE = 2  # cliff ranks this close are one cliff (the early warning's default)
 # What a schedule does (schedule.Schedule).
-SCHEDULE_METHODS = ("due", "allows", "observe", "record", "affords", "state_dict")
+SCHEDULE_METHODS = (
+    "due", "allows", "observe", "expect", "in_window", "record", "affords", "state_dict",
+)  # fmt: skip
 
 
 class Collective(Protocol):
@@ -313,6 +316,7 @@ class Monitor:
                 self.sentinel.epoch_ended(step)
             if self.sentinel.due(step):
                 self._read_sentinel(step, epoch)
+        self.schedule.expect(step, epoch, *self._outlook())
         if self._last_step() != step and self.schedule.due(step, epoch, epoch_end):
             if self._decide(lambda: self.schedule.allows(step, self.clock)):
                 self._full_evaluation(step, epoch, final=False)
@@ -349,6 +353,14 @@ class Monitor:
         to :meth:`step`) was at least ``level``; ``None`` if it never was."""
         epochs = sorted(self.watched)
         return first_epoch_reaching(epochs, [self.watched[e] for e in epochs], level)
+
+    def new_cliffs(self) -> dict[int, int]:
+        """Each cliff rank that the first full evaluation did not have, with the epoch of the
+        first full evaluation that logged it."""
+        return new_ranks_first_seen(
+            [r.epoch for r in self.history], [[c.rank for c in r.cliffs] for r in self.history],
+            RANK_TOLERANCE,
+        )  # fmt: skip
 
     def summary(self) -> str:
         """A one-screen text summary: what the monitor cost beside training, when the watched
@@ -465,16 +477,30 @@ class Monitor:
             keys.FORECAST_HIGH: made.high,
         }
 
+    def _outlook(self) -> tuple[int | None, float | None, float | None]:
+        """For the schedule: the epoch of the first alarm, the latest forecast's high end and the
+        watched metric's latest value (each ``None`` when there is none)."""
+        alarm = self.transitions[0].epoch if self.transitions else None
+        high = next((f.high for f in reversed(self.forecasts) if f.high is not None), None)
+        watched = self.watched[max(self.watched)] if self.watched else None
+        return alarm, high, watched
+
     # ----------------------------------------------------------------------------------------
     # Full evaluations
 
     def _full_evaluation(self, step: int, epoch: int, final: bool) -> None:
+        # In the transition window the whole kernel's spectrum, cliffs and signals only (the
+        # groups, eigenvectors and feature overlaps are more than half an evaluation's cost);
+        # everywhere else, at the end and with images everything (evaluation.evaluate).
+        detail = final or self._images_due(final) or not self.schedule.in_window()
         with self.clock.charge("evaluation"):
             began = self.clock.now()
             kernel = self._shared_kernel() if self.collective.world_size > 1 else None
             result = None
             if self.collective.rank == 0:
-                result = self._safely("its evaluation", step, lambda m: self._evaluate(m, kernel))
+                result = self._safely(
+                    "its evaluation", step, lambda m: self._evaluate(m, kernel, detail)
+                )
             if result is not None:
                 result.metrics[keys.SECONDS] = self.clock.now() - began
             payload = (
@@ -498,7 +524,7 @@ class Monitor:
             self.schedule.record(step, cost, metrics, self.clock)
         self.schedule.load_state_dict(self.collective.broadcast(self.schedule.state_dict()))
 
-    def _evaluate(self, model: nn.Module, kernel: Tensor | None) -> Evaluation:
+    def _evaluate(self, model: nn.Module, kernel: Tensor | None, detail: bool) -> Evaluation:
         result = evaluate(
             model,
             self.probe,
@@ -508,6 +534,7 @@ class Monitor:
             features=self._features,
             cliff_options=self.cliff_options,
             kernel=kernel,
+            detail=detail,
         )
         self._previous_kernel = result.kernel.to(torch.float32)
         return result
@@ -584,11 +611,18 @@ class Monitor:
             positive = result.eigenvalues[result.eigenvalues > 0]
             if positive.size:
                 self.sink.histogram(keys.EIGENVALUE_HISTOGRAM, np.log10(positive), step)
-            count = len(self.history) - 1  # evaluations since initialization
-            due = final or (count > 0 and count % self.image_every_n_evaluations == 0)
+            due = self._images_due(final, made=True)
             if due and self.schedule.affords(self._image_seconds, self.clock):
                 self._draw_images(result, step)
             self.sink.scalars({keys.SECONDS_IMAGES: self.clock.now() - began}, step, local=True)
+
+    def _images_due(self, final: bool, made: bool = False) -> bool:
+        """Whether the images are due at the evaluation being made (``made``: just recorded):
+        at every n-th since initialization and at the end."""
+        if not self._images():
+            return False
+        count = len(self.history) - (1 if made else 0)  # evaluations since initialization
+        return final or (count > 0 and count % self.image_every_n_evaluations == 0)
 
     def _draw_images(self, result: Evaluation, step: int) -> None:
         """One evaluation's figures: its spectrum with cliffs and, with ground truth, the

@@ -43,6 +43,16 @@ def summary_text(monitor) -> str:
         for r in record:
             ranks = ", ".join(f"{c.rank} (x{10**c.drop:.2f})" for c in r.cliffs) or "none"
             lines.append(f"cliffs at {label:<5} (epoch {r.epoch:>4}): ranks {ranks}")
+    lines.append(f"full evaluations at epochs {', '.join(str(r.epoch) for r in monitor.history)}")
+    for rank, epoch in monitor.new_cliffs().items():
+        before = max((r.epoch for r in monitor.history if r.epoch < epoch), default=None)
+        value = monitor.watched.get(epoch)
+        at = "" if value is None else f", {key} {value:.2f}"
+        lines.append(
+            f"new cliff at rank {rank}: first logged at epoch {epoch}{at} (absent at the "
+            f"evaluation before, epoch {before}); {key} >= {LEVELS[0]} at "
+            f"{show_epoch(crossed[LEVELS[0]])}, >= {LEVELS[1]} at {show_epoch(crossed[LEVELS[1]])}"
+        )
     lines += ["", f"summary figure:   {monitor.summary_path or 'not written'}", "=" * 72]
     return "\n".join(lines)
 
@@ -56,6 +66,7 @@ def history_figure(monitor) -> Figure:
         ratio_level=None if detector is None else detector.alignment_ratio,
         min_train_alignment=0.0 if detector is None else detector.min_train_alignment,
         forecasts=monitor.forecasts, actual=monitor.first_epoch_reaching(LEVELS[0]),
+        first_seen=monitor.new_cliffs(),
     )  # fmt: skip
 
 
@@ -87,6 +98,10 @@ def describe_forecasts(forecasts, transitions, crossed: int | None, key: str | N
                 error = f", {100 * (f.epoch - crossed) / crossed:+.0f}%"
             lines.append(f"    {label:<19}{f.describe()}{error}")
     return lines
+
+
+def show_epoch(epoch: int | None) -> str:
+    return "never" if epoch is None else f"epoch {epoch}"
 
 
 def describe_lead(alarm_epoch: int, crossed: int | None, key: str | None) -> str:
