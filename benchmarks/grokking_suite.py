@@ -195,11 +195,10 @@ def _fit(setup: str, seed: int, control: str | None, monitored: bool, out: str |
         "series": series,
     }
     if watcher is not None:
-        core = watcher.core
-        result["alarms"] = [(t.epoch, t.kind, t.evidence) for t in core.transitions]
-        result["forecasts"] = [vars(f) for f in core.forecasts]
-        result["readings"] = len(core.readings)
-        result["spent"] = dict(core.clock.spent)
+        result["alarms"] = [(t.epoch, t.kind, t.evidence) for t in watcher.transitions]
+        result["forecasts"] = [vars(f) for f in watcher.forecasts]
+        result["readings"] = len(watcher.readings)
+        result["spent"] = dict(watcher.clock.spent)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result))
