@@ -506,23 +506,25 @@ class SaveEvaluatedSteps(Callback):
         (self.directory / f"rank{trainer.global_rank}.json").write_text(json.dumps(steps))
 
 
-@pytest.mark.slow
-def test_monitor_time_budget_evaluates_at_the_same_steps_on_every_ddp_rank(tmp_path):
-    """Rank 0 measures and decides; every rank evaluates at the steps it decided."""
+def fit_on_two_ranks(tmp_path, run_dir, monitor, **trainer_args) -> list[list[int]]:
+    """Four epochs under ``ddp_spawn`` on two processes; the steps each rank evaluated at."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fit(
-            tmp_path,
-            [
-                ENTKMonitor(max_overhead=5.0),
-                SaveEvaluatedSteps(tmp_path),
-                ReleaseProcessGroupAtExit(),
-            ],
+            run_dir,
+            [monitor, SaveEvaluatedSteps(tmp_path), ReleaseProcessGroupAtExit()],
             max_epochs=4,
             strategy="ddp_spawn",
             devices=2,
+            **trainer_args,
         )
-    steps = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.slow
+def test_monitor_time_budget_evaluates_at_the_same_steps_on_every_ddp_rank(tmp_path):
+    """Rank 0 measures and decides; every rank evaluates at the steps it decided."""
+    steps = fit_on_two_ranks(tmp_path, tmp_path, ENTKMonitor(max_overhead=5.0))
     assert steps[0] == steps[1]
     assert len(steps[0]) >= 3 and steps[0][0] == 0  # initialization, some, the end
 
@@ -539,21 +541,9 @@ def test_monitor_resumed_under_ddp_keeps_its_history_on_every_rank(tmp_path):
         r["step"]
         for r in torch.load(ckpt, weights_only=False)["callbacks"]["ENTKMonitor"]["history"]
     ]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fit(
-            tmp_path / "two",
-            [
-                ENTKMonitor(every_n_epochs=1),
-                SaveEvaluatedSteps(tmp_path),
-                ReleaseProcessGroupAtExit(),
-            ],
-            max_epochs=4,
-            strategy="ddp_spawn",
-            devices=2,
-            ckpt_path=str(ckpt),
-        )
-    steps = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    steps = fit_on_two_ranks(
+        tmp_path, tmp_path / "two", ENTKMonitor(every_n_epochs=1), ckpt_path=str(ckpt)
+    )
     assert steps[0] == steps[1]
     assert steps[0][: len(held)] == held and len(steps[0]) > len(held)
 

@@ -74,10 +74,8 @@ from lightning_entk.schedule import (
 log = logging.getLogger("lightning_entk")
 
 RANK_TOLERANCE = 2  # cliff ranks this close are one cliff (the early warning's default)
-# What a schedule does (schedule.Schedule).
-SCHEDULE_METHODS = (
-    "due", "allows", "observe", "expect", "in_window", "record", "affords", "state_dict",
-)  # fmt: skip
+# What a schedule does: the methods of the protocol, read off it so that the two cannot drift.
+SCHEDULE_METHODS = tuple(n for n, v in vars(Schedule).items() if callable(v) and n[0] != "_")
 
 
 class Collective(Protocol):
