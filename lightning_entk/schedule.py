@@ -39,20 +39,21 @@ measured so far, it will.
 **The transition window.** The monitor tells the schedule what it sees coming
 (:meth:`~Schedule.expect`): the epoch of the first phase-transition alarm, the high end of the
 latest forecast of the watched metric's rise, and the watched metric now. From the first alarm
-until the forecast's high end, and after it for as long as the watched metric still moves (by
-more than ``tolerance`` since the last full evaluation), the schedule is in the *window*: a full
-evaluation falls due at the alarm, then every
+until the watched metric reaches ``WINDOW_CLOSES_AT`` (without a watched metric: until the
+forecast's high end), the schedule is in the *window*. Its milestones are the alarm, each
+``1 / WINDOW_STAGES`` of the way the watched metric comes from its value at the alarm to
+``WINDOW_CLOSES_AT``, and its arrival there: a full evaluation falls due at each, and the
+window's first ``burst`` are made whatever the budget (a transition seen only afterwards is
+what the monitor is for). So the evaluations follow the rise where it is, however wrong the
+forecast of when it comes, and one comes as it ends. Between milestones they come every
 
-    gap = max((high - now) / WINDOW_EVALUATIONS, least)
-    least = min(cost / (WINDOW_SHARE * seconds per epoch), high - alarm)
+    gap = max(WINDOW_GAP * epochs so far, cost / (WINDOW_SHARE * seconds per epoch))
 
-epochs (the least gap while the watched metric moves), so that several evaluations come before
-the forecast epoch however early the alarm, at least their cost over ``WINDOW_SHARE`` of the
-training time apart, but never further apart than the alarm from the forecast's high end, so
-that a window of dear evaluations is still sampled. The window's first ``burst`` evaluations
-are made whatever the budget (a transition seen only afterwards is what the monitor is for);
-later ones, and all outside the window, when the budget allows, so the window is paid back on
-the quiet stretches after.
+epochs when the budget allows (``cost``: the median of the last three evaluations made in the
+window, which skip the parts nobody reads there; see
+:func:`~lightning_entk.evaluation.evaluate`); without a watched metric these are the window's
+evaluations, its first ``burst`` made whatever the budget. The window is paid back on the
+quiet stretches after.
 A fixed cadence has no window: it replaces the placement.
 """
 
@@ -71,8 +72,10 @@ DEFAULT_MAX_OVERHEAD = 0.1  # the monitor's seconds, sentinel included, over tra
 # The signals whose change sets the gap: the key itself or ``entk/<group>/<signal>``.
 MOVING_SIGNALS = (keys.KERNEL_REGRESSION_ACC, keys.KERNEL_TARGET_ALIGNMENT, keys.KERNEL_VELOCITY)
 QUIET_PACE = 2  # on quiet stretches, gaps up to this many times the budget's even pace
-WINDOW_EVALUATIONS = 4  # in the transition window: evaluations wanted before the forecast's end
+WINDOW_GAP = 0.25  # in the transition window, evaluations this share of the epochs so far apart
 WINDOW_SHARE = 0.5  # in the window, evaluations at least their cost over this share apart
+WINDOW_CLOSES_AT = 0.95  # the watched metric's level that closes the window
+WINDOW_STAGES = 3  # an evaluation each time the watched metric comes this fraction of its way
 
 
 class Clock:
@@ -263,6 +266,7 @@ class TimeBudget:
     def _fresh_state() -> dict:
         return {
             "costs": [],  # seconds of each full evaluation
+            "window_costs": [],  # and of each made in the transition window
             "gap": 1.0,  # steps to the next evaluation, before the budget
             "next_step": 1,
             "last_step": None,
@@ -274,7 +278,10 @@ class TimeBudget:
             "alarm": None,  # the epoch of the first alarm: the window opens
             "high": None,  # the latest forecast's high end (epochs)
             "watched": None,  # the watched metric at the latest outlook
-            "watched_evaluated": None,  # and at the last full evaluation
+            "alarm_watched": None,  # at the first alarm
+            "watched_evaluated": None,  # at the last full evaluation
+            "milestone": False,  # an evaluation is due at a milestone of the window
+            "closed": False,  # the watched metric reached WINDOW_CLOSES_AT after the alarm
             "window_made": 0,  # evaluations made in the window
         }
 
@@ -290,7 +297,7 @@ class TimeBudget:
         """Whether the budget allows an evaluation at ``step``; if not, the next evaluation is
         put off to the step at which it will (at the speed trained so far)."""
         state = self._state
-        if not state["costs"] or (self.in_window() and state["window_made"] < self.burst):
+        if not state["costs"] or (self._free() and state["window_made"] < self.burst):
             return True
         cost = self._cost()
         trained = clock.training_seconds()
@@ -337,21 +344,45 @@ class TimeBudget:
             state["high"] = float(high)
         if alarm is not None and state["alarm"] is None:
             state["alarm"] = alarm
-            state["next_step"] = min(state["next_step"], step)
+            state["alarm_watched"] = state["watched"]
+            self._milestone(step)
+        elif state["alarm"] is not None and state["watched"] is not None and not state["closed"]:
+            if state["watched"] >= WINDOW_CLOSES_AT:
+                state["closed"] = True
+                self._milestone(step)
+            elif self._stage(state["watched"]) > self._stage(state["watched_evaluated"]):
+                self._milestone(step)
+
+    def _milestone(self, step: int) -> None:
+        """The window opens, the watched metric passed a stage of its rise, or it closes: an
+        evaluation is due now (made whatever the budget, the window's first ``burst``)."""
+        self._state["milestone"] = True
+        self._state["next_step"] = min(self._state["next_step"], step)
+
+    def _stage(self, watched: float | None) -> int:
+        """How many ``1 / WINDOW_STAGES`` of the way from the watched metric at the alarm to
+        ``WINDOW_CLOSES_AT`` it has come."""
+        state = self._state
+        start = state["alarm_watched"] if state["alarm_watched"] is not None else 0.0
+        if watched is None or WINDOW_CLOSES_AT <= start:
+            return 0
+        return math.floor(WINDOW_STAGES * (watched - start) / (WINDOW_CLOSES_AT - start))
+
+    def _free(self) -> bool:
+        """Whether the evaluation due now is one the window makes whatever the budget: at a
+        milestone, or on the window's own pace when there is no watched metric to follow."""
+        state = self._state
+        return state["milestone"] or (self.in_window() and state["watched"] is None)
 
     def in_window(self) -> bool:
-        """Whether training is in the transition window: after the first alarm, before the
-        forecast's high end or while the watched metric still moves."""
+        """Whether training is in the transition window: after the first alarm, until the
+        watched metric reaches ``WINDOW_CLOSES_AT`` (without one, the forecast's high end)."""
         state = self._state
         if state["alarm"] is None:
             return False
-        if state["high"] is not None and state["epoch"] < state["high"]:
-            return True
-        return self._watched_moving()
-
-    def _watched_moving(self) -> bool:
-        now, then = self._state["watched"], self._state["watched_evaluated"]
-        return now is not None and (then is None or abs(now - then) > self.tolerance)
+        if state["watched"] is not None:
+            return state["watched"] < WINDOW_CLOSES_AT
+        return state["high"] is not None and state["epoch"] < state["high"]
 
     def _window_gap(self, clock: Clock) -> float | None:
         """Steps to the next evaluation in the window (module docstring), ``None`` outside."""
@@ -359,19 +390,12 @@ class TimeBudget:
         per_epoch = state["steps_per_epoch"]
         if not self.in_window() or not per_epoch:
             return None
-        epoch, high = state["epoch"], state["high"]
-        wanted = 0.0
-        if high is not None and epoch < high and not self._watched_moving():
-            wanted = (high - epoch) / WINDOW_EVALUATIONS
+        epoch = state["epoch"]
         trained = clock.training_seconds()
         least = 1.0
         if trained > 0 and epoch > 0:
-            least = self._cost() / (WINDOW_SHARE * trained / epoch)
-        if high is not None and high > state["alarm"]:
-            # Dear evaluations still sample the window: never further apart than the alarm
-            # from the forecast's high end (their number is bounded by ``burst``).
-            least = min(least, high - state["alarm"])
-        return max(wanted, least, 1.0) * per_epoch
+            least = self._cost(window=True) / (WINDOW_SHARE * trained / epoch)
+        return max(WINDOW_GAP * epoch, least, 1.0) * per_epoch
 
     def record(self, step: int, cost: float, metrics: Mapping[str, float], clock: Clock):
         """A full evaluation at ``step`` cost ``cost`` seconds (already on the ``clock``) and
@@ -380,6 +404,8 @@ class TimeBudget:
         state = self._state
         first = state["last_step"] is None
         state["costs"].append(max(cost, 0.0))
+        if self.in_window():
+            state["window_costs"] = [*state["window_costs"][-2:], max(cost, 0.0)]
         signals = moving_signals(metrics)
         sentinel = {k: v for k, v in signals.items() if k == keys.SENTINEL_ALIGNMENT}
         change = signal_change(state["signals"], signals)
@@ -394,20 +420,24 @@ class TimeBudget:
             pace = self._cost() / (self.max_overhead * trained / step)
             state["gap"] = min(state["gap"], max(QUIET_PACE * pace, 1.0))
         window = self._window_gap(clock)
-        state["window_made"] += window is not None
+        state["window_made"] += self._free()
+        state["milestone"] = False
+        state["watched_evaluated"] = state["watched"]
         state["signals"] = signals
         state["sentinel"] = sentinel or state["sentinel"]
         state["last_step"] = step
-        state["watched_evaluated"] = state["watched"]
         # In the window the evaluations come at its pace; the adaptive gap is kept for after it.
         state["next_step"] = step + max(round(state["gap"] if window is None else window), 1)
 
-    def _cost(self) -> float:
-        """The next evaluation's expected seconds: the median of the last three."""
-        return statistics.median(self._state["costs"][-3:])
+    def _cost(self, window: bool = False) -> float:
+        """The next evaluation's expected seconds: the median of the last three (``window``:
+        of those made in the window, when there are any)."""
+        costs = (window and self._state["window_costs"]) or self._state["costs"]
+        return statistics.median(costs[-3:])
 
     def state_dict(self) -> dict:
-        return {**self._state, "costs": list(self._state["costs"])}
+        state = self._state
+        return {**state, "costs": list(state["costs"]), "window_costs": list(state["window_costs"])}
 
     def load_state_dict(self, state: dict) -> None:
         self._state = {**self._fresh_state(), **state}

@@ -1,12 +1,15 @@
 """When the monitor evaluates: the fixed cadence and the time budget, on a simulated clock."""
 
 import itertools
+import math
 import statistics
 
 import pytest
 
 from lightning_entk.schedule import (
+    WINDOW_GAP,
     WINDOW_SHARE,
+    WINDOW_STAGES,
     Clock,
     FixedCadence,
     TimeBudget,
@@ -226,20 +229,18 @@ def transition(alarm=300, high=500, rise=(450, 550)):
 
 def test_time_budget_places_evaluations_in_the_transition_window():
     """Evaluations as dear as 50 steps each, a 10% budget, a flat kernel: without an outlook
-    they come about every 500 steps; with an alarm at 300 and a forecast up to 500 one comes at
-    the alarm and several before the watched metric reaches 0.95 (at 545), none closer than
-    the window's least gap, and after the window the budget pays them back."""
+    they come about every 500 steps; with an alarm at 300 (a forecast up to 500, too early)
+    and the watched metric rising over 450-550, one comes at the alarm, one at each third of
+    the metric's way to 0.95 and one as it gets there (545), and after the window the budget
+    pays them back."""
     step_seconds, cost = 0.01, 0.5
     plain, _ = run(TimeBudget(), 3000, step_seconds, lambda i: cost, lambda s: 0.5)
     placed, ledger = run(
         TimeBudget(), 3000, step_seconds, lambda i: cost, lambda s: 0.5, outlook=transition()
     )
-    assert 300 in placed
     assert len([s for s in plain if 300 <= s <= 545]) <= 1, plain
-    window = [s for s in placed if 300 <= s <= 545]
-    assert len(window) >= 3, placed
-    least = cost / (WINDOW_SHARE * step_seconds)
-    assert min(b - a for a, b in itertools.pairwise(window)) >= least - 1, placed
+    thirds = [450 + math.ceil(100 * 0.95 * k / WINDOW_STAGES) for k in (1, 2)]
+    assert [s for s in placed if 300 <= s <= 545] == [300, *thirds, 545], placed
     assert [s for s in placed if 0 < s < 300] == [s for s in plain if 0 < s < 300]  # sparse
     after = [s for s in placed if s > 700]
     assert len(after) < len([s for s in plain if s > 700]), (placed, plain)  # paid back
@@ -247,22 +248,46 @@ def test_time_budget_places_evaluations_in_the_transition_window():
     assert ledger[-1][1] + cost <= 0.1 * 3000 * step_seconds + 1e-9
 
 
-def test_time_budget_window_follows_the_watched_metric_until_it_plateaus():
-    """The forecast's high end passed (an early, wrong forecast) while the watched metric
-    still rises: evaluations keep coming at the window's least gap until it is flat."""
+def test_time_budget_window_follows_the_rise_however_wrong_the_forecast():
+    """The forecast's high end (320) passes long before the watched metric rises (400-700, 0.95
+    at 685): the window stays open and its milestones fall in the rise; once the metric is at
+    0.95 the window is closed and the budget pays it back."""
+    budget = TimeBudget()
     placed, _ = run(
-        TimeBudget(burst=8),
-        1500,
-        0.01,
-        lambda i: 0.2,
-        lambda s: 0.5,
+        budget, 1500, 0.01, lambda i: 0.2, lambda s: 0.5,
         outlook=transition(alarm=300, high=320, rise=(400, 700)),
-    )
-    rising = [s for s in placed if 400 < s <= 700]
-    assert len(rising) >= 4, placed
-    gaps = [b - a for a, b in itertools.pairwise(rising)]
-    assert max(gaps) <= 2 * 0.2 / (WINDOW_SHARE * 0.01) + 1, placed
+    )  # fmt: skip
+    thirds = [400 + math.ceil(300 * 0.95 * k / WINDOW_STAGES) for k in (1, 2)]
+    assert [s for s in placed if 300 <= s <= 685] == [300, *thirds, 685], placed
+    assert not budget.in_window()
     assert len([s for s in placed if 800 <= s <= 1500]) <= 2, placed
+
+
+def test_time_budget_window_is_sampled_at_a_quarter_of_the_epochs_when_the_budget_allows():
+    """Evaluations cheap enough for the budget: between milestones the window's evaluations
+    come at most a quarter of the epochs so far apart, no closer than its least gap."""
+    cost, step_seconds = 0.02, 0.01
+    placed, _ = run(
+        TimeBudget(max_overhead=0.5), 1500, step_seconds, lambda i: cost, lambda s: 0.5,
+        outlook=transition(alarm=300, high=320, rise=(1000, 1100)),
+    )  # fmt: skip
+    window = [s for s in placed if 300 <= s <= 1000]
+    least = cost / (WINDOW_SHARE * step_seconds)
+    assert window[0] == 300 and len(window) >= 5, placed
+    for a, b in itertools.pairwise(window):
+        assert least - 1 <= b - a <= max(WINDOW_GAP * a, least) + 1, placed
+
+
+@pytest.mark.parametrize(("steps", "open_"), [(599, True), (601, False)])
+def test_time_budget_window_without_a_watched_metric_ends_at_the_forecast(steps, open_):
+    budget = TimeBudget(burst=8)
+    placed, _ = run(
+        budget, steps, 0.01, lambda i: 0.05, lambda s: 0.5,
+        outlook=lambda s: (300 if s >= 300 else None, 600 if s >= 300 else None, None),
+    )  # fmt: skip
+    assert budget.in_window() is open_
+    window = [s for s in placed if 300 <= s < 600]
+    assert window[0] == 300 and len(window) >= 3, placed
 
 
 def test_time_budget_window_opens_once_and_round_trips():

@@ -46,7 +46,7 @@ def test_sentinel_reads_the_last_groups_kernel_exactly():
     expected_held = debiased_alignment(brute_force_ntk(model, x[held], names=names), labels[held])
     # The training points read: a seeded subset as large as the held-out one.
     assert sentinel.num_points == 12
-    train_points, _ = sentinel._sets[1]
+    train_points = sentinel._points[sentinel.num_points :]
     chosen = [int((x[trained] == p).all(1).nonzero()) for p in train_points]
     train_labels = labels[trained][chosen]
     expected_trained = debiased_alignment(

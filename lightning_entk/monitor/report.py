@@ -11,9 +11,10 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from lightning_entk import plots
+from lightning_entk.schedule import WINDOW_CLOSES_AT
 
 SUMMARY_FILENAME = "entk_summary.png"
-LEVELS = (0.5, 0.95)  # of the watched metric, in the summary
+LEVELS = (0.5, WINDOW_CLOSES_AT)  # of the watched metric, in the summary
 
 
 def summary_text(monitor) -> str:

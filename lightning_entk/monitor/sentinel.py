@@ -34,7 +34,7 @@ from lightning_entk import keys
 from lightning_entk.kernel import KernelOptions, ParamSelection, empirical_ntk
 from lightning_entk.kernel.context import num_outputs
 from lightning_entk.kernel.options import automatic_groups, select_parameters
-from lightning_entk.kernel.points import num_points, take, to_device
+from lightning_entk.kernel.points import take, to_device
 from lightning_entk.probe import ProbeSet, seeded_choice
 from lightning_entk.schedule import Clock
 from lightning_entk.signals import MIN_DEBIASED_POINTS, debiased_alignment
@@ -85,7 +85,9 @@ class Sentinel:
         self.share = float(share)
         self.group: str | None = None  # the readout's name, once set up
         self.off_reason: str | None = "not set up"
-        self._sets: list[tuple[object, Tensor]] = []  # (points, one-hot labels): held-out, trained
+        self._points: object = None  # the held-out points read, then the training points
+        self._targets: Tensor | None = None  # their one-hot labels
+        self._held = 0  # how many of them are held out
         self._options: KernelOptions | None = None
         self._state = {
             "next_step": 0, "count": 0, "costs": [], "epoch_step": None, "steps_per_epoch": None
@@ -117,13 +119,12 @@ class Sentinel:
             self.group = _common_prefix(names)
         device = next(model.parameters()).device
         labels = probe.y.to(device).long()
-        self._sets = [
-            (to_device(take(probe.x, index), device),
-             torch.nn.functional.one_hot(labels[index.to(device)]))  # only equal labels matter
-            for index in (held, trained)
-        ]  # fmt: skip
+        both = torch.cat([held, trained])
+        self._points = to_device(take(probe.x, both), device)
+        self._targets = torch.nn.functional.one_hot(labels[both.to(device)])  # equal labels
+        self._held = len(held)
         self._options = options.replace(params=names, groups=None)
-        outputs = num_outputs(model, self._sets[0][0], options.output_fn, options.forward_fn)
+        outputs = num_outputs(model, self._points, options.output_fn, options.forward_fn)
         if outputs > MAX_OUTPUTS and options.output_projections is None:
             self._options = self._options.replace(output_projections=MAX_OUTPUTS)
         self.off_reason = None
@@ -136,7 +137,7 @@ class Sentinel:
     @property
     def num_points(self) -> int:
         """Held-out points read."""
-        return num_points(self._sets[0][0]) if self._sets else 0
+        return self._held
 
     def due(self, step: int) -> bool:
         """Whether a reading is due at ``step`` (the same on every process)."""
@@ -149,13 +150,15 @@ class Sentinel:
         Raises:
             FloatingPointError: if a kernel is not finite.
         """
-        alignments = []
-        for points, targets in self._sets:
-            kernel = empirical_ntk(model, points, options=self._options)
-            if not torch.isfinite(kernel).all():
-                raise FloatingPointError("the readout's kernel has NaN or inf entries")
-            alignments.append(debiased_alignment(kernel, targets))
-        held, trained = alignments
+        # One engine call on both sets (its fixed cost is most of a reading on a small model),
+        # then each set's diagonal block.
+        kernel = empirical_ntk(model, self._points, options=self._options)
+        if not torch.isfinite(kernel).all():
+            raise FloatingPointError("the readout's kernel has NaN or inf entries")
+        held, trained = (
+            debiased_alignment(kernel[part, part], self._targets[part])
+            for part in (slice(None, self._held), slice(self._held, None))
+        )
         values = {keys.SENTINEL_ALIGNMENT: held, keys.SENTINEL_TRAIN_ALIGNMENT: trained}
         if trained > 0:
             values[keys.SENTINEL_RATIO] = held / trained
