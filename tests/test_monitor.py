@@ -100,3 +100,41 @@ def test_monitor_that_cannot_bind_warns_and_does_nothing_after():
     monitor.start()
     monitor.end(1, 1)
     assert monitor.history == [] and monitor.readings == [] and monitor.sink.target == {}
+
+
+class Gains(nn.Module):
+    """``x * gain``: its kernel is the inputs' Gram weighted by the gains."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(width))
+
+    def forward(self, x):
+        return x * self.gain
+
+
+def test_monitor_draws_the_spectrum_where_a_new_cliff_is_first_seen(tmp_path):
+    """Eight gains raised tenfold after epoch 2 part the spectrum at rank 8: the evaluation at
+    epoch 4 logs the new cliff, and its spectrum is drawn there, though the budget affords no
+    images (a fast loop)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Gains(32), nn.Linear(32, 4))
+    probe = ProbeSet(torch.randn(120, 32), torch.arange(120) % 4, torch.arange(120) >= 80)
+    writer = SummaryWriter(tmp_path)
+    monitor = Monitor(model, probe, every_n_epochs=2, sink=writer)
+    monitor.start()
+    for epoch in range(1, 7):
+        if epoch == 3:
+            with torch.no_grad():
+                model[0].gain[:8] = 10.0
+        monitor.step(step=epoch, epoch=epoch, metrics={"val_acc": epoch / 10})
+    monitor.end(step=6, epoch=6)
+    writer.close()
+    assert [[c.rank for c in r.cliffs] for r in monitor.history] == [[], [], [8], [8]]
+    assert monitor.new_cliffs() == {8: 4}
+    events = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
+    events.Reload()
+    assert [image.step for image in events.Images("entk/spectrum")] == [4]
