@@ -281,7 +281,8 @@ class TimeBudget:
             "alarm_watched": None,  # at the first alarm
             "watched_evaluated": None,  # at the last full evaluation
             "milestone": False,  # an evaluation is due at a milestone of the window
-            "closed": False,  # the watched metric reached WINDOW_CLOSES_AT after the alarm
+            "closing": False,  # the watched metric reached WINDOW_CLOSES_AT: the last is due
+            "closed": False,  # and the window's last evaluation is made
             "window_made": 0,  # evaluations made in the window
         }
 
@@ -346,9 +347,9 @@ class TimeBudget:
             state["alarm"] = alarm
             state["alarm_watched"] = state["watched"]
             self._milestone(step)
-        elif state["alarm"] is not None and state["watched"] is not None and not state["closed"]:
+        elif state["alarm"] is not None and state["watched"] is not None and not state["closing"]:
             if state["watched"] >= WINDOW_CLOSES_AT:
-                state["closed"] = True
+                state["closing"] = True
                 self._milestone(step)
             elif self._stage(state["watched"]) > self._stage(state["watched_evaluated"]):
                 self._milestone(step)
@@ -376,12 +377,13 @@ class TimeBudget:
 
     def in_window(self) -> bool:
         """Whether training is in the transition window: after the first alarm, until the
-        watched metric reaches ``WINDOW_CLOSES_AT`` (without one, the forecast's high end)."""
+        evaluation made as the watched metric reaches ``WINDOW_CLOSES_AT`` (without one, until
+        the forecast's high end)."""
         state = self._state
-        if state["alarm"] is None:
+        if state["alarm"] is None or state["closed"]:
             return False
         if state["watched"] is not None:
-            return state["watched"] < WINDOW_CLOSES_AT
+            return True
         return state["high"] is not None and state["epoch"] < state["high"]
 
     def _window_gap(self, clock: Clock) -> float | None:
@@ -419,9 +421,10 @@ class TimeBudget:
             # as long (saving for where the signals move), so no transition is slept through.
             pace = self._cost() / (self.max_overhead * trained / step)
             state["gap"] = min(state["gap"], max(QUIET_PACE * pace, 1.0))
-        window = self._window_gap(clock)
         state["window_made"] += self._free()
         state["milestone"] = False
+        state["closed"] = state["closing"]
+        window = self._window_gap(clock)
         state["watched_evaluated"] = state["watched"]
         state["signals"] = signals
         state["sentinel"] = sentinel or state["sentinel"]

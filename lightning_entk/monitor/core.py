@@ -487,10 +487,14 @@ class Monitor:
     # Full evaluations
 
     def _full_evaluation(self, step: int, epoch: int, final: bool) -> None:
-        # In the transition window the whole kernel's spectrum, cliffs and signals only (the
-        # groups, eigenvectors and feature overlaps are more than half an evaluation's cost);
-        # everywhere else, at the end and with images everything (evaluation.evaluate).
-        detail = final or self._images_due(final) or not self.schedule.in_window()
+        # Under the time budget, at the start and in the transition window the whole kernel's
+        # spectrum, cliffs and signals only (the groups, eigenvectors and feature overlaps are
+        # more than half an evaluation's cost, and at initialization nobody reads them);
+        # everywhere else, at the end, with images and on a fixed cadence everything
+        # (evaluation.evaluate).
+        budgeted = isinstance(self.schedule, TimeBudget)
+        light = self.schedule.in_window() or (budgeted and not self.history)
+        detail = final or self._images_due(final) or not light
         with self.clock.charge("evaluation"):
             began = self.clock.now()
             kernel = self._shared_kernel() if self.collective.world_size > 1 else None
