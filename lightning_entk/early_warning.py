@@ -51,6 +51,7 @@ import numpy as np
 
 from lightning_entk import keys
 from lightning_entk.cliffs import Cliff
+from lightning_entk.milestones import RANK_TOLERANCE
 
 
 @dataclass
@@ -147,7 +148,7 @@ class EarlyWarning:
         alignment_ratio: float = 0.25,
         min_train_alignment: float = 0.02,
         persistence: int = 4,
-        rank_tolerance: int = 2,
+        rank_tolerance: int = RANK_TOLERANCE,
         velocity_factor: float | None = None,
         warmup: int = 5,
     ) -> None:

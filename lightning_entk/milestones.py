@@ -15,6 +15,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+RANK_TOLERANCE = 2  # cliff ranks this close are one cliff
+
 
 def first_epoch_reaching(
     epochs: Sequence[int] | np.ndarray, values: Sequence[float] | np.ndarray, level: float

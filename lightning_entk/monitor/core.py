@@ -53,7 +53,7 @@ from lightning_entk.kernel import KernelOptions, ntk_plan
 from lightning_entk.kernel.budget import MemoryBudget
 from lightning_entk.kernel.options import check_projection_mode
 from lightning_entk.kernel.points import num_points, to_device
-from lightning_entk.milestones import first_epoch_reaching, new_ranks_first_seen
+from lightning_entk.milestones import RANK_TOLERANCE, first_epoch_reaching, new_ranks_first_seen
 from lightning_entk.monitor import report
 from lightning_entk.monitor.sentinel import Reading, Sentinel
 from lightning_entk.monitor.sinks import Sink, as_sink, tensorboard_layout
@@ -73,7 +73,6 @@ from lightning_entk.schedule import (
 
 log = logging.getLogger("lightning_entk")
 
-RANK_TOLERANCE = 2  # cliff ranks this close are one cliff (the early warning's default)
 # What a schedule does: the methods of the protocol, read off it so that the two cannot drift.
 SCHEDULE_METHODS = tuple(n for n, v in vars(Schedule).items() if callable(v) and n[0] != "_")
 
