@@ -9,8 +9,8 @@ alone), the whole kernel's eigenpairs or eigenvalues alone with its cliffs, its 
 (kernel regression, alignments) and velocity, the groups' spectra and signals, the overlaps of
 the eigenvectors with the ground-truth features, one evaluation's images and the summary
 figure (drawn and written to TensorBoard), the scalars written; and ``evaluate`` whole with
-every part (what each full evaluation was before) and with the whole kernel only (what an
-evaluation between the start and the end is now; the one at the end still has every part).
+every part (what each full evaluation was before, and the one at the end still is) and with
+the whole kernel only (the first evaluation and the transition window's).
 
 and one training epoch of the demo under Lightning (validation and logging included: the
 epochs the issue counts), from a plain 40-epoch run.
@@ -147,8 +147,8 @@ def breakdown(model_name: str, threads: int | None) -> dict:
 
         parts["scalars written"] = timed(logging)
         for label, detail in (
-            ("whole evaluation, every part (each evaluation before)", True),
-            ("whole evaluation, whole kernel only (in the window, after)", False),
+            ("whole evaluation, every part (the end's)", True),
+            ("whole evaluation, whole kernel only (the first and the window's)", False),
         ):
             parts[label] = timed(
                 lambda detail=detail: evaluate(

@@ -39,13 +39,15 @@ measured so far, it will.
 **The transition window.** The monitor tells the schedule what it sees coming
 (:meth:`~Schedule.expect`): the epoch of the first phase-transition alarm, the high end of the
 latest forecast of the watched metric's rise, and the watched metric now. From the first alarm
-until the watched metric reaches ``WINDOW_CLOSES_AT`` (without a watched metric: until the
-forecast's high end), the schedule is in the *window*. Its milestones are the alarm, each
-``1 / WINDOW_STAGES`` of the way the watched metric comes from its value at the alarm to
-``WINDOW_CLOSES_AT``, and its arrival there: a full evaluation falls due at each, and the
-window's first ``burst`` are made whatever the budget (a transition seen only afterwards is
-what the monitor is for). So the evaluations follow the rise where it is, however wrong the
-forecast of when it comes, and one comes as it ends. Between milestones they come every
+the schedule is in the *window*, until the evaluation that follows the watched metric's arrival
+at ``WINDOW_CLOSES_AT`` (without a watched metric: until the forecast's high end). Its
+milestones are the alarm; each ``1 / WINDOW_STAGES`` of the way the watched metric comes from
+its value at the alarm to ``WINDOW_CLOSES_AT``; its arrival there; and ``WINDOW_GAP`` of the
+epochs after the arrival (the kernel lags the accuracy: the modular MLP's grokking cliff can
+appear after val_acc 0.95). A full evaluation falls due at each, and the window's first
+``burst`` are made whatever the budget (a transition seen only afterwards is what the monitor
+is for). So the evaluations follow the rise where it is, however wrong the forecast of when it
+comes. Between milestones they come every
 
     gap = max(WINDOW_GAP * epochs so far, cost / (WINDOW_SHARE * seconds per epoch))
 
@@ -75,7 +77,7 @@ QUIET_PACE = 2  # on quiet stretches, gaps up to this many times the budget's ev
 WINDOW_GAP = 0.25  # in the transition window, evaluations this share of the epochs so far apart
 WINDOW_SHARE = 0.5  # in the window, evaluations at least their cost over this share apart
 WINDOW_CLOSES_AT = 0.95  # the watched metric's level that closes the window
-WINDOW_STAGES = 3  # an evaluation each time the watched metric comes this fraction of its way
+WINDOW_STAGES = 2  # an evaluation each time the watched metric comes this fraction of its way
 
 
 class Clock:
@@ -281,8 +283,8 @@ class TimeBudget:
             "alarm_watched": None,  # at the first alarm
             "watched_evaluated": None,  # at the last full evaluation
             "milestone": False,  # an evaluation is due at a milestone of the window
-            "closing": False,  # the watched metric reached WINDOW_CLOSES_AT: the last is due
-            "closed": False,  # and the window's last evaluation is made
+            "phase": "rising",  # of the window: "arrived" at WINDOW_CLOSES_AT, "settling", "closed"
+            "arrived": None,  # the epoch the watched metric reached WINDOW_CLOSES_AT
             "window_made": 0,  # evaluations made in the window
         }
 
@@ -347,11 +349,16 @@ class TimeBudget:
             state["alarm"] = alarm
             state["alarm_watched"] = state["watched"]
             self._milestone(step)
-        elif state["alarm"] is not None and state["watched"] is not None and not state["closing"]:
-            if state["watched"] >= WINDOW_CLOSES_AT:
-                state["closing"] = True
+        elif state["alarm"] is not None and state["watched"] is not None:
+            phase = state["phase"]
+            if phase == "rising" and state["watched"] >= WINDOW_CLOSES_AT:
+                state["phase"], state["arrived"] = "arrived", epoch
                 self._milestone(step)
-            elif self._stage(state["watched"]) > self._stage(state["watched_evaluated"]):
+            elif phase == "rising" and (
+                self._stage(state["watched"]) > self._stage(state["watched_evaluated"])
+            ):
+                self._milestone(step)
+            elif phase == "settling" and epoch >= (1 + WINDOW_GAP) * state["arrived"]:
                 self._milestone(step)
 
     def _milestone(self, step: int) -> None:
@@ -377,10 +384,10 @@ class TimeBudget:
 
     def in_window(self) -> bool:
         """Whether training is in the transition window: after the first alarm, until the
-        evaluation made as the watched metric reaches ``WINDOW_CLOSES_AT`` (without one, until
-        the forecast's high end)."""
+        evaluation that follows the watched metric's arrival at ``WINDOW_CLOSES_AT`` (without
+        one, until the forecast's high end)."""
         state = self._state
-        if state["alarm"] is None or state["closed"]:
+        if state["alarm"] is None or state["phase"] == "closed":
             return False
         if state["watched"] is not None:
             return True
@@ -421,9 +428,10 @@ class TimeBudget:
             # as long (saving for where the signals move), so no transition is slept through.
             pace = self._cost() / (self.max_overhead * trained / step)
             state["gap"] = min(state["gap"], max(QUIET_PACE * pace, 1.0))
+        if state["milestone"] and state["phase"] in ("arrived", "settling"):
+            state["phase"] = {"arrived": "settling", "settling": "closed"}[state["phase"]]
         state["window_made"] += self._free()
         state["milestone"] = False
-        state["closed"] = state["closing"]
         window = self._window_gap(clock)
         state["watched_evaluated"] = state["watched"]
         state["signals"] = signals

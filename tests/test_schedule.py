@@ -230,17 +230,18 @@ def transition(alarm=300, high=500, rise=(450, 550)):
 def test_time_budget_places_evaluations_in_the_transition_window():
     """Evaluations as dear as 50 steps each, a 10% budget, a flat kernel: without an outlook
     they come about every 500 steps; with an alarm at 300 (a forecast up to 500, too early)
-    and the watched metric rising over 450-550, one comes at the alarm, one at each third of
-    the metric's way to 0.95 and one as it gets there (545), and after the window the budget
-    pays them back."""
+    and the watched metric rising over 450-550, one comes at the alarm, one halfway to 0.95,
+    one as it gets there (545) and one a quarter of the epochs after (682), and after the
+    window the budget pays them back."""
     step_seconds, cost = 0.01, 0.5
     plain, _ = run(TimeBudget(), 3000, step_seconds, lambda i: cost, lambda s: 0.5)
     placed, ledger = run(
         TimeBudget(), 3000, step_seconds, lambda i: cost, lambda s: 0.5, outlook=transition()
     )
     assert len([s for s in plain if 300 <= s <= 545]) <= 1, plain
-    thirds = [450 + math.ceil(100 * 0.95 * k / WINDOW_STAGES) for k in (1, 2)]
-    assert [s for s in placed if 300 <= s <= 545] == [300, *thirds, 545], placed
+    stages = [450 + math.ceil(100 * 0.95 * k / WINDOW_STAGES) for k in range(1, WINDOW_STAGES)]
+    settled = math.ceil(545 * (1 + WINDOW_GAP))
+    assert [s for s in placed if 300 <= s <= settled] == [300, *stages, 545, settled], placed
     assert [s for s in placed if 0 < s < 300] == [s for s in plain if 0 < s < 300]  # sparse
     after = [s for s in placed if s > 700]
     assert len(after) < len([s for s in plain if s > 700]), (placed, plain)  # paid back
@@ -251,16 +252,18 @@ def test_time_budget_places_evaluations_in_the_transition_window():
 def test_time_budget_window_follows_the_rise_however_wrong_the_forecast():
     """The forecast's high end (320) passes long before the watched metric rises (400-700, 0.95
     at 685): the window stays open and its milestones fall in the rise; once the metric is at
-    0.95 the window is closed and the budget pays it back."""
+    0.95 and a quarter of the epochs after, the window is closed and the budget pays it
+    back."""
     budget = TimeBudget()
     placed, _ = run(
         budget, 1500, 0.01, lambda i: 0.2, lambda s: 0.5,
         outlook=transition(alarm=300, high=320, rise=(400, 700)),
     )  # fmt: skip
-    thirds = [400 + math.ceil(300 * 0.95 * k / WINDOW_STAGES) for k in (1, 2)]
-    assert [s for s in placed if 300 <= s <= 685] == [300, *thirds, 685], placed
+    stages = [400 + math.ceil(300 * 0.95 * k / WINDOW_STAGES) for k in range(1, WINDOW_STAGES)]
+    settled = math.ceil(685 * (1 + WINDOW_GAP))
+    assert [s for s in placed if 300 <= s <= settled] == [300, *stages, 685, settled], placed
     assert not budget.in_window()
-    assert len([s for s in placed if 800 <= s <= 1500]) <= 2, placed
+    assert len([s for s in placed if settled < s <= 1500]) <= 2, placed
 
 
 def test_time_budget_window_is_sampled_at_a_quarter_of_the_epochs_when_the_budget_allows():
