@@ -49,11 +49,11 @@ def figure_to_array(fig: Figure) -> np.ndarray:
     return np.array(canvas.buffer_rgba())[..., :3]
 
 
-def _fixed_layout_figure(bottom: float = 0.11) -> Figure:
+def _fixed_layout_figure(bottom: float = 0.11, right: float = 0.97) -> Figure:
     """A figure of ``FIGSIZE`` with margins set once for one axes and its labels: a figure drawn
     at every evaluation skips the layout engine, which costs more than the drawing itself."""
     fig = Figure(figsize=FIGSIZE, dpi=DPI)
-    fig.subplots_adjust(left=0.1, right=0.97, top=0.92, bottom=bottom)
+    fig.subplots_adjust(left=0.1, right=right, top=0.92, bottom=bottom)
     return fig
 
 
@@ -475,7 +475,7 @@ def plot_alignment(
         raise ValueError(
             f"`col_labels` must name each of the {n_features} columns, got {len(col_labels)}."
         )
-    fig = _fixed_layout_figure(bottom=0.17 if col_labels is not None else 0.11)
+    fig = _fixed_layout_figure(bottom=0.17 if col_labels is not None else 0.11, right=0.94)
     ax = fig.add_subplot()
     image = ax.imshow(
         values,
@@ -486,7 +486,7 @@ def plot_alignment(
         interpolation="nearest",
         extent=(0.5, n_features + 0.5, k + 0.5, 0.5),
     )
-    fig.colorbar(image, ax=ax, pad=0.09, fraction=0.05).set_label("|cos|")
+    fig.colorbar(image, ax=ax, pad=0.1, fraction=0.05).set_label("|cos|")
     if col_labels is not None:
         step = max(1, int(np.ceil(n_features / 40)))
         ticks = np.arange(1, n_features + 1)[::step]
