@@ -128,7 +128,7 @@ def breakdown(model_name: str, threads: int | None) -> dict:
             parts["feature overlaps"] = timed(
                 lambda: segment_overlaps(spectrum.eigenvectors, cliffs, features)
             )
-        result = monitor._last_result
+        result = evaluate(model, probe, options=options, features=features)  # every part
         step = [1]
 
         def images():

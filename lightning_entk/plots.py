@@ -21,7 +21,7 @@ from matplotlib import colormaps, patheffects
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FormatStrFormatter
+from matplotlib.ticker import FormatStrFormatter, NullLocator
 from matplotlib.transforms import blended_transform_factory
 
 from lightning_entk import keys
@@ -347,6 +347,7 @@ def plot_spectrum_evolution(
     if k > LOG_INDEX_FROM:
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_locator(NullLocator())  # a tick per decade reads well, and is cheap
     ax.set_ylim(k + 0.5, 0.5)
     ax.set_ylabel("eigenvalue index" + (" (log scale)" if k > LOG_INDEX_FROM else ""))
     ax.set_title(
