@@ -602,8 +602,8 @@ class Monitor:
         return self.image_every_n_evaluations > 0 and self.sink.images
 
     def _extras(self, result: Evaluation, step: int, final: bool) -> None:
-        """Rank 0: the histogram; the images at every n-th evaluation when the budget affords
-        them, and always at the end and at the evaluation that first logs a new cliff (the
+        """Rank 0: the histogram; the images at every n-th evaluation and at the end when the
+        budget affords them, and always at the evaluation that first logs a new cliff (the
         picture of the transition)."""
         self._last_result = result
         if not self._images():
@@ -617,8 +617,7 @@ class Monitor:
             new_cliff = len(self.history) > 1 and self.history[-1].epoch in set(
                 self.new_cliffs().values()
             )
-            affords = self.schedule.affords(self._image_seconds, self.clock)
-            if final or new_cliff or (due and affords):
+            if new_cliff or (due and self.schedule.affords(self._image_seconds, self.clock)):
                 self._draw_images(result, step)
             self.sink.scalars({keys.SECONDS_IMAGES: self.clock.now() - began}, step, local=True)
 
