@@ -11,6 +11,7 @@ from test_kernel_ops import float_points, tokens
 from torch import nn
 from user_models import (
     CachedRecurrent,
+    ExpertParameters,
     Float32NormMLP,
     KeywordConv,
     OldStyleFunctionMLP,
@@ -50,6 +51,7 @@ CASES = {
     ),
     "old_style_function": (OldStyleFunctionMLP, lambda: float_points(5, d=5), EXACT),
     "token_routing": (TokenRouting, lambda: tokens(5, t=5), EXACT),
+    "expert_parameters": (ExpertParameters, lambda: tokens(5, t=5), EXACT),
 }
 
 
@@ -167,3 +169,13 @@ def test_ntk_plan_sends_parameters_of_point_dependent_shapes_to_the_generic_rout
     model, x, _ = build("token_routing")
     routes = ntk_plan(model, x).routes()
     assert set(routes.values()) == {"generic"}
+
+
+def test_ntk_plan_keeps_experts_indexed_in_one_parameter_structured():
+    """Experts stored as one 3-D parameter and indexed by expert (Mixtral's
+    ``gate_up_proj[e]``): every expert's rows are one operation, the same for every point, so
+    the experts take the structured route, captured one point at a time."""
+    model, x, _ = build("expert_parameters")
+    plan = ntk_plan(model, x)
+    assert set(plan.routes().values()) == {"structured"}
+    assert plan.capture == "per point"

@@ -591,3 +591,38 @@ class TokenRouting(nn.Module):
             idx = ((flat[:, 0] > 0) == bool(e)).nonzero()[:, 0]
             mixed = mixed.index_add(0, idx, torch.tanh(expert(flat[idx])))
         return self.out(mixed.view_as(h).mean(1))
+
+
+class ExpertParameters(nn.Module):
+    """A mixture of experts whose experts are stored as one 3-D parameter each and indexed by
+    expert, as ``transformers``' Mixtral writes it: a linear router picks the top two of four
+    experts per token, and each expert ``e`` that some token chose runs
+    ``F.linear(x, gate_up_proj[e])`` (``e`` a 0-d tensor), a SwiGLU and
+    ``F.linear(h, down_proj[e])`` on its tokens, weighted and added back with ``index_add_``.
+    Which experts run, and on how many rows, differs from point to point."""
+
+    def __init__(self, vocab=11, d=6, hidden=8, experts=4, top_k=2, classes=3):
+        super().__init__()
+        self.experts, self.top_k = experts, top_k
+        self.embed = nn.Embedding(vocab, d)
+        self.router = nn.Linear(d, experts, bias=False)
+        self.gate_up_proj = nn.Parameter(torch.randn(experts, 2 * hidden, d) / math.sqrt(d))
+        self.down_proj = nn.Parameter(torch.randn(experts, d, hidden) / math.sqrt(hidden))
+        self.out = nn.Linear(d, classes)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        h = self.embed(tokens)
+        flat = h.reshape(-1, h.shape[-1])
+        weights, chosen = self.router(flat).softmax(-1).topk(self.top_k, dim=-1)
+        weights = weights / weights.sum(-1, keepdim=True)
+        mixed = torch.zeros_like(flat)
+        with torch.no_grad():
+            mask = F.one_hot(chosen, self.experts).permute(2, 1, 0)  # (E, top_k, rows)
+            hit = (mask.sum(dim=(-1, -2)) > 0).nonzero()
+        for expert in hit:
+            expert = expert[0]
+            slot, rows = torch.where(mask[expert])
+            gate, up = F.linear(flat[rows], self.gate_up_proj[expert]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.down_proj[expert])
+            mixed.index_add_(0, rows, y * weights[rows, slot, None])
+        return self.out((h + mixed.view_as(h)).mean(1))

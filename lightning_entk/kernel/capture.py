@@ -10,6 +10,15 @@ zero perturbation ``z`` to the operation's output: the gradient of each model ou
 respect to ``z`` is the factor ``g``. A parameter that enters any other operation is *opaque*
 and takes the generic path.
 
+A mixture of experts that keeps its experts in one parameter ``W`` (E, O, I) and applies
+expert ``e`` as ``F.linear(x, W[e])`` (``e`` a 0-d tensor, as ``transformers``' experts do)
+runs one such operation per expert its tokens chose, which differ from point to point. All
+of them are one operation here, an *expert* operation per parameter: its output is the rows of
+every expert's output in the order they come (one per token and chosen expert, a number the
+same for every point), its factor each row's input placed at its expert's slot (so that, as
+for any use, ``y[t, o] = sum_(e, i) x[t, e, i] W[e, o, i]``), and each expert's operation
+reads its own rows of the one perturbation.
+
 ``nn.MultiheadAttention`` calls ``F.multi_head_attention_forward``, a Python function that
 hands itself whole to the mode; the mode runs its body with the mode still active, so that the
 projections inside are seen one by one.
@@ -74,13 +83,18 @@ class ShapeChanged(RuntimeError):
 
 
 class _View:
-    """A view of a parameter: its name, the flat indices of its entries, a scale."""
+    """A view of a parameter: its name, the flat indices of its entries, a scale; for one
+    expert's slice ``W[e]`` of a parameter of experts, ``expert`` is ``e`` and ``index`` the
+    indices of all of ``W`` (E, ...)."""
 
-    __slots__ = ("index", "param", "scale", "tensor")
+    __slots__ = ("expert", "index", "param", "scale", "tensor")
 
-    def __init__(self, param: str, index: Tensor, scale: float, tensor: Tensor) -> None:
+    def __init__(
+        self, param: str, index: Tensor, scale: float, tensor: Tensor, expert: int | None = None
+    ) -> None:
         self.param, self.index, self.scale = param, index, scale
         self.tensor = tensor  # kept alive so that its id is not reused
+        self.expert = expert
 
 
 class Capture(TorchFunctionMode):
@@ -116,6 +130,9 @@ class Capture(TorchFunctionMode):
         self.factors: list[Tensor] = []  # one per use of kind "dense" or "tokens", in order
         self.z_shapes: list[tuple[int, ...]] = []
         self.opaque: set[str] = set()
+        # Expert operations (see the module docstring): (param, layout shape, scale) -> the
+        # operation's use and where its factor is in :attr:`factors`.
+        self._experts: dict[tuple, tuple[Use, int]] = {}
         # The least precise floating dtype any operation computed in: a float64 model with a
         # float32 island (a norm computed in float32) is only as precise as the island.
         self.precision: torch.dtype | None = None
@@ -134,6 +151,8 @@ class Capture(TorchFunctionMode):
         views = [self.views[id(t)] for t in _tensors((args, kwargs)) if id(t) in self.views]
         if not views:
             return func(*args, **kwargs)
+        if any(v.expert is not None for v in views) and func is not F.linear:
+            return self._opaque(func, args, kwargs, views)
         if (
             func in _VIEWS
             or func in _CASTS
@@ -149,9 +168,14 @@ class Capture(TorchFunctionMode):
         except Unsupported:
             out = NotImplemented
         if out is NotImplemented:
-            out = func(*args, **kwargs)
-            if _tensors(out):
-                self.opaque.update(v.param for v in views)
+            return self._opaque(func, args, kwargs, views)
+        return out
+
+    def _opaque(self, func, args, kwargs, views):
+        """``func`` run as it is; the parameters of ``views`` take the generic path."""
+        out = func(*args, **kwargs)
+        if _tensors(out):
+            self.opaque.update(v.param for v in views)
         return out
 
     # ---------------------------------------------------------------------------------------
@@ -223,6 +247,8 @@ class Capture(TorchFunctionMode):
         ):
             if args[1].dtype == torch.bool:
                 raise Unsupported("boolean mask")
+            if args[1].ndim == 0 and args[0].ndim >= 3:
+                return self._expert(args[0], args[1])
             return self._lookup(args[0], args[1], None)
         if func in (F.conv1d, F.conv2d):
             x, w, b, stride, padding, dilation, groups = _bind(
@@ -276,7 +302,44 @@ class Capture(TorchFunctionMode):
         return NotImplemented
 
     def _linear(self, x, weight, bias):
+        view = self.views.get(id(weight))
+        if view is not None and view.expert is not None:
+            return self._expert_linear(x, weight, bias)
         return self._matmul(torch.matmul, x, self._transposed(weight), bias=bias)
+
+    def _expert(self, weight, expert):
+        """``W[e]``, expert ``e``'s slice of a parameter of experts (see the module docstring)."""
+        view = self.views.get(id(weight))
+        if view is None or id(expert) in self.views:
+            raise Unsupported("expert")
+        out = weight[expert]
+        self.views[id(out)] = _View(view.param, view.index, view.scale, out, int(expert))
+        return out
+
+    def _expert_linear(self, x, weight, bias):
+        """``F.linear(x, W[e], bias)`` as rows of the parameter's expert operation."""
+        view = self.views[id(weight)]
+        if weight.ndim != 2 or id(x) in self.views or id(bias) in self.views:
+            raise Unsupported("expert weight in another form")
+        y = F.linear(x, weight, bias)
+        rows = x.reshape(-1, x.shape[-1])
+        spread = rows.new_zeros(rows.shape[0], view.index.shape[0], rows.shape[1])
+        spread[:, view.expert] = rows
+        shape = (rows.shape[0], weight.shape[0])
+        factor, layout, perm, t, dims = einsum_use(spread, "tei", view.index, "eoi", shape, "to")
+        use = Use(view.param, layout, "dense", shape, perm, t, dims, view.scale)
+        key = (view.param, tuple(layout.shape), view.scale)
+        if key not in self._experts:  # the first expert: the operation, as any other
+            self._experts[key] = (use, len(self.factors))
+            return self._commit(y, [(use, factor)], expert_rows=t)
+        # A later expert: its rows added to the operation's, its factor to the use's.
+        held, i = self._experts[key]
+        start = held.positions
+        held.positions += t
+        held.out_shape = (held.positions, *held.out_shape[1:])
+        self.z_shapes[held.z] = held.out_shape
+        self.factors[i] = torch.cat([self.factors[i], factor.to(self.factors[i].dtype)])
+        return self._perturbed(y, held.z, slice(start, start + t))
 
     def _transposed(self, weight: Tensor) -> Tensor:
         view = self.views.get(id(weight))
@@ -416,16 +479,18 @@ class Capture(TorchFunctionMode):
             forms.append((use, factor))
         return forms
 
-    def _commit(self, y, committed, inplace=False):
+    def _commit(self, y, committed, inplace=False, expert_rows=None):
         if not committed:
             return y
         z = len(self.z_shapes)
-        self.z_shapes.append(tuple(y.shape))
+        self.z_shapes.append(tuple(y.shape) if expert_rows is None else committed[0][0].out_shape)
         for use, factor in committed:
             use.z = z
             self.uses.append(use)
             if factor is not None:  # a float32 island's factor in the parameters' dtype
                 self.factors.append(factor.to(self.dtype) if factor.is_floating_point() else factor)
+        if expert_rows is not None:
+            return self._perturbed(y, z, slice(0, expert_rows))
         if self.perturbations is None:
             return y
         if z >= len(self.perturbations) or (
@@ -434,6 +499,15 @@ class Capture(TorchFunctionMode):
             raise ShapeChanged("an operation's output differs from discovery's")
         z = self.perturbations[z].to(y.dtype)  # the operation computes in its own dtype
         return y.add_(z) if inplace else y + z
+
+    def _perturbed(self, y, z: int, rows: slice):
+        """``y``, one expert's output, plus its ``rows`` of the expert operation ``z``'s
+        perturbation."""
+        if self.perturbations is None:
+            return y
+        if z >= len(self.perturbations) or self.perturbations[z].shape[0] < rows.stop:
+            raise ShapeChanged("an expert operation's rows differ from discovery's")
+        return y + self.perturbations[z][rows].to(y.dtype).reshape(y.shape)
 
     def _descend(self, func, args, kwargs):
         """Run ``func``'s body with this mode active (see the module docstring)."""

@@ -596,7 +596,7 @@ class NTKContext:
                 out = self.forward(self.params, point, capture)
         except RuntimeError as err:  # ShapeChanged included
             raise PointMismatch(_brief(err)) from err
-        if len(capture.uses) != len(structure.uses):
+        if len(capture.uses) != len(structure.uses) or capture.z_shapes != structure.z_shapes:
             raise PointMismatch("the operations differ from point to point")
         try:
             with torch.enable_grad():
