@@ -28,7 +28,9 @@ Gemma's ``x * (1 + weight)``: the derivative is the view's whatever the offset):
     ``conv1d``/``conv2d`` (any stride, padding, dilation, groups, given by keyword or left
     out; ``padding="valid"``), elementwise ``*`` and
     ``+``/``-`` with broadcasting (gains, biases, positional parameters), and the affine parts
-    of ``layer_norm``, ``rms_norm``, ``group_norm`` and ``batch_norm``.
+    of ``layer_norm``, ``rms_norm``, ``group_norm`` and ``batch_norm``; ``F.linear(x, W[e])``
+    with ``W`` (E, O, I) a parameter of experts and ``e`` a 0-d tensor (see
+    :mod:`~lightning_entk.kernel.capture`).
 
 Not covered, so the parameter takes the generic path: a parameter entering any other
 operation (``exp``, a division by it, ``F.prelu``, ``max_norm`` embeddings, string padding of
