@@ -73,7 +73,7 @@ def gpt2(hidden, heads, n, length):
     return GPT2LMHeadModel(config).eval(), ids(n, length), last_position
 
 
-def decoder(kind, n=32, length=8):
+def decoder(kind, n=32, length=8, experts=None):
     import transformers as tf
 
     torch.manual_seed(0)
@@ -86,7 +86,9 @@ def decoder(kind, n=32, length=8):
     elif kind == "gemma":
         model = tf.GemmaForCausalLM(tf.GemmaConfig(**common, head_dim=32))
     else:
-        config = tf.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2)
+        # experts: how the experts run; "eager" loops over them, F.linear(x, W[e])
+        options = {} if experts is None else {"experts_implementation": experts}
+        config = tf.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2, **options)
         model = tf.MixtralForCausalLM(config)
     return model.eval(), ids(n, length), last_position
 
@@ -171,6 +173,10 @@ def setup_mixtral():
     return decoder("mixtral")
 
 
+def setup_mixtral_eager():
+    return decoder("mixtral", experts="eager")
+
+
 CASES = {
     "bert_tiny": ("BERT, 2 layers, hidden 128, 4 heads, 5 labels; 64 x 8 tokens", setup_bert_tiny),
     "bert_tiny_mask": ("the same, padded `attention_mask` (lengths 3-8)", setup_bert_tiny_mask),
@@ -184,6 +190,8 @@ CASES = {
     "gemma": ("Gemma, 2 layers, hidden 128, C = 97; 32 x 8 tokens", setup_gemma),
     "mixtral": ("Mixtral, 2 layers, hidden 128, 4 experts top-2, C = 97; 32 x 8 tokens",
                 setup_mixtral),
+    "mixtral_eager": ("the same, `experts_implementation=\"eager\"` (F.linear(x, W[e]))",
+                      setup_mixtral_eager),
     "t5": ("T5, 2+2 layers, d_model 128, C = 97 (last decoder position); 32 x 8 tokens", t5),
     "deberta_v2": ("DeBERTa-v2, 2 layers, hidden 128, 5 labels; 64 x 8 tokens", deberta),
     "vit": ("ViT, 2 layers, hidden 128, 32x32 images, patches 8, 5 labels; 64 images", vit),

@@ -19,6 +19,12 @@ same for every point), its factor each row's input placed at its expert's slot (
 for any use, ``y[t, o] = sum_(e, i) x[t, e, i] W[e, o, i]``), and each expert's operation
 reads its own rows of the one perturbation.
 
+A lookup whose ids do not depend on the points (T5's and Swin's relative-position bias,
+``table[index]`` with an index made from positions alone) may be taken as a *view* of the
+table instead (``fixed_lookups``): its output then enters the operation where it meets the
+points (the attention scores it is added to) as a view of the parameter, with the entries of
+the table repeated where the ids repeat.
+
 ``nn.MultiheadAttention`` calls ``F.multi_head_attention_forward``, a Python function that
 hands itself whole to the mode; the mode runs its body with the mode still active, so that the
 projections inside are seen one by one.
@@ -108,6 +114,8 @@ class Capture(TorchFunctionMode):
         same_shapes: each operation's output must have its perturbation's shape (a pass over
             one point, as discovery's): else :class:`ShapeChanged` (data-dependent shapes),
             not a perturbation broadcast over a different output.
+        fixed_lookups: the lookups (parameter, how many lookups of it came before) to take
+            as views (see the module docstring); :attr:`lookups` lists the others.
     """
 
     def __init__(
@@ -116,8 +124,12 @@ class Capture(TorchFunctionMode):
         perturbations: tuple | None = None,
         indices: dict[str, Tensor] | None = None,
         same_shapes: bool = False,
+        fixed_lookups: frozenset[tuple[str, int]] = frozenset(),
     ) -> None:
         super().__init__()
+        self.fixed_lookups = fixed_lookups
+        self.lookups: list[tuple[tuple[str, int], int]] = []  # (lookup, its operation)
+        self._lookups_of: dict[str, int] = {}  # lookups of each parameter so far
         indices = indices or {}
         self.views = {
             id(p): _View(name, indices[name] if name in indices else element_indices(p), 1.0, p)
@@ -159,6 +171,7 @@ class Capture(TorchFunctionMode):
             or func in _SCALES
             or func in _NEGATIONS
             or (func in _OFFSETS and _is_number(args[1] if len(args) > 1 else None))
+            or _is_identity(func, args, kwargs)
         ):
             tracked = self._follow_view(func, args, kwargs)
             if tracked is not None:
@@ -201,7 +214,7 @@ class Capture(TorchFunctionMode):
             self._track(out, view.param, view.index, -view.scale)
         elif func in _OFFSETS:
             self._track(out, view.param, view.index, view.scale * _OFFSETS[func])
-        elif func in _CASTS:
+        elif func in _CASTS or _is_identity(func, args, kwargs):
             self._track(out, view.param, view.index, view.scale)
         else:
             index = func(view.index, *args[1:], **kwargs)
@@ -261,6 +274,10 @@ class Capture(TorchFunctionMode):
             if padding == "valid":
                 padding = 0
             return self._conv(func, x, w, b, stride, padding, dilation, groups)
+        if func is torch.where and len(args) + len(kwargs) == 3:
+            return self._where(*_bind(args, kwargs, ("condition", "input", "other")))
+        if func is F.scaled_dot_product_attention:
+            return self._attention_mask(args, kwargs)
         if func in _MULS:
             return self._mul(func, args[0], args[1])
         if func in _ADDS or func in _SUBS:
@@ -394,7 +411,13 @@ class Capture(TorchFunctionMode):
         view = self.views.get(id(weight))
         if view is None or weight.ndim != 2 or id(ids) in self.views:
             raise Unsupported("lookup")
+        key = (view.param, self._lookups_of.get(view.param, 0))
+        self._lookups_of[view.param] = key[1] + 1
         y = F.embedding(ids, weight, padding_idx)
+        if key in self.fixed_lookups and (padding_idx is None or not (ids == padding_idx).any()):
+            self._track(y, view.param, view.index[ids], view.scale)
+            return y
+        self.lookups.append((key, len(self.z_shapes)))
         tokens = ids.reshape(-1)
         if padding_idx is not None:
             tokens = tokens.masked_fill(tokens == padding_idx % weight.shape[0], -1)
@@ -442,6 +465,38 @@ class Capture(TorchFunctionMode):
         if inplace:
             forms = [(use, factor.clone()) for use, factor in forms]
         return self._commit(func(a, b), forms, inplace=inplace)
+
+    def _where(self, condition, a, b):
+        """``torch.where(condition, a, b)`` with a view on one side: the view times the
+        condition (or its negation), as an elementwise scale by a mask, plus a constant."""
+        if not isinstance(condition, Tensor) or id(condition) in self.views:
+            raise Unsupported("where on a parameter")
+        tensors = [t for t in (a, b) if isinstance(t, Tensor)]
+        viewed = [t for t in tensors if id(t) in self.views]
+        if len(viewed) != 1:
+            raise Unsupported("where between two views")
+        v_t = viewed[0]
+        mask = (condition if v_t is a else ~condition).to(v_t.dtype)
+        y = torch.where(condition, a, b)
+        if y.shape != torch.broadcast_shapes(mask.shape, v_t.shape):
+            raise Unsupported("where broadcast by its other operand")
+        view = self.views[id(v_t)]
+        x_l, v_l, y_l, x_sq, v_sq = broadcast_letters(mask.shape, v_t.shape)
+        index = squeezed(view.index, v_sq)
+        return self._record(y, [(view, "dense", squeezed(mask, x_sq), x_l, index, v_l, y_l, 1)])
+
+    def _attention_mask(self, args, kwargs):
+        """``F.scaled_dot_product_attention`` with a view as its additive ``attn_mask``: the
+        mask added to zeros of the scores' shape first, as the attention adds it to them (an
+        operation that holds the points, as the scores do), then the attention as it is."""
+        names = ("query", "key", "value", "attn_mask")
+        query, key, value, mask = _bind(args, kwargs, names)
+        if any(id(t) in self.views for t in (query, key, value)) or mask.dtype == torch.bool:
+            raise Unsupported("attention on a parameter")
+        scores = torch.broadcast_shapes(mask.shape, (*query.shape[:-1], key.shape[-2]))
+        mask = self._add(mask.new_zeros(scores), mask)
+        rest = {k: v for k, v in kwargs.items() if k not in names}
+        return F.scaled_dot_product_attention(query, key, value, mask, *args[4:], **rest)
 
     def _add(self, a, b, scale=1.0, inplace=None):
         if b is None:
@@ -523,6 +578,11 @@ def _torch_function_checks_off() -> Iterator[None]:
         yield
     finally:
         F.has_torch_function = original
+
+
+def _is_identity(func, args, kwargs) -> bool:
+    """Whether ``func`` returns its input's values: dropout outside training (eval mode)."""
+    return func is F.dropout and _bind(args, kwargs, ("input", "p", "training"))[2] is False
 
 
 def _is_number(x: object) -> bool:

@@ -258,6 +258,7 @@ class Structure:
     capture_reason: str = ""
     points: list[PointsDim | None] = field(default_factory=list)  # per operation, None: shared
     checked: bool = False  # the capture passed :meth:`NTKContext._check` already
+    fixed_lookups: frozenset = frozenset()  # lookups taken as views (a shared bias's table)
     precision: torch.dtype | None = None  # the least precise dtype the forward computes in
     trial_points: int = 0  # points of the trial that chose the capture route
     trial_seconds: float = 0.0  # the trial's capture by that route
@@ -370,15 +371,20 @@ class NTKContext:
         return {f"model.{k}": v for k, v in {**self.params, **self.buffers}.items()}
 
     def _capture(
-        self, names: Iterable[str], perturbations: tuple | None = None, same_shapes=False
+        self,
+        names: Iterable[str],
+        perturbations: tuple | None = None,
+        same_shapes=False,
+        fixed: frozenset = frozenset(),
     ) -> Capture:
-        """A capture watching the parameters ``names``; their element indices made once."""
+        """A capture watching the parameters ``names``, the lookups ``fixed`` taken as views;
+        their element indices made once."""
         indices = self.discovery.indices
         for name in names:
             if name not in indices:
                 indices[name] = element_indices(self.params[name])
         watched = {name: self.params[name] for name in names}
-        return Capture(watched, perturbations, indices, same_shapes)
+        return Capture(watched, perturbations, indices, same_shapes, fixed)
 
     def _call_model(self, call, x: Points):
         """``call()``, a forward pass of points of ``x``; a failure of the model itself is a
@@ -456,6 +462,9 @@ class NTKContext:
                 aligned = "a batched pass did not match autograd on single points"
             except RuntimeError as err:  # a shared output that cannot take a point dim
                 aligned = f"a batched pass failed: {_brief(err)}"
+        if aligned.startswith("a batched pass failed") and self._lookups_as_views(found, sample):
+            self._choose_capture(found, sample)
+            return
         retry = found.capture == CaptureRoute.BATCHED and aligned.startswith("a batched pass")
         reason = found.capture_reason
         found.fall_back(CaptureRoute.VMAP, aligned)
@@ -477,6 +486,31 @@ class NTKContext:
                 found.capture, found.capture_reason = CaptureRoute.BATCHED, reason
                 self._choose_capture(found, sample)
 
+    def _lookups_as_views(self, found: Structure, sample: Points) -> bool:
+        """Whether the structure was found again with the lookups whose output every point
+        shares (ids made from positions alone: T5's and Swin's relative-position bias) taken
+        as views of their tables, every parameter still structured. A shared output that the
+        model reshapes into the heads cannot take a points dim; as a view, the table enters
+        the operation where it meets the points (the scores it is added to), which holds them."""
+        if found.fixed_lookups or len(found.points) != len(found.z_shapes):
+            return False
+        shared = {z for z, points in enumerate(found.points) if points is None}
+        one = take(sample, slice(0, 1))
+        capture = self._capture(found.structured)
+        with torch.no_grad():
+            self.forward(self.params, one, capture)
+        fixed = frozenset(key for key, z in capture.lookups if z in shared)
+        if not fixed:
+            return False
+        capture = self._capture(found.structured, fixed=fixed)
+        with torch.no_grad():
+            self.forward(self.params, one, capture)
+        if capture.opaque or {u.param for u in capture.uses} != set(found.structured):
+            return False
+        found.uses, found.z_shapes, found.points = capture.uses, capture.z_shapes, []
+        found.fixed_lookups = fixed
+        return True
+
     def _batch_aligned(self, found: Structure, x: Points) -> bool | str:
         """Whether each operation's output holds the points along one dim (alone, or merged
         with positions, before or after them: :class:`PointsDim`) or is shared by all points
@@ -492,7 +526,7 @@ class NTKContext:
         if n == 1:  # one point: any layout reads it
             found.points = [PointsDim(0)] * len(found.z_shapes)
             return True
-        capture = self._capture(found.structured)
+        capture = self._capture(found.structured, fixed=found.fixed_lookups)
         try:
             with torch.no_grad():
                 self.forward(self.params, x, capture)
@@ -532,7 +566,8 @@ class NTKContext:
         )
         generator = torch.Generator(device="cpu").manual_seed(0)
         with torch.enable_grad():
-            out = self.forward(self.params, x, self._capture(watched, zs))
+            capture = self._capture(watched, zs, fixed=found.fixed_lookups)
+            out = self.forward(self.params, x, capture)
             v = torch.randn(out.shape[1], generator=generator, dtype=out.dtype).to(out.device)
             return output_gradients((out @ v)[None], [zs[z] for z in ops])
 
@@ -558,7 +593,7 @@ class NTKContext:
                 structure.fall_back(CaptureRoute.VMAP, f"a batched pass failed: {_brief(err)}")
 
         def per_point(zs: tuple, point: Points) -> tuple[Tensor, tuple]:
-            capture = self._capture(watched, zs)
+            capture = self._capture(watched, zs, fixed=structure.fixed_lookups)
             out = self.forward(self.params, tree_map(lambda t: t.unsqueeze(0), point), capture)
             return out[0], tuple(capture.factors)
 
@@ -590,7 +625,7 @@ class NTKContext:
         """
         like = next(iter(watched.values()))
         zs = [like.new_zeros(*s).requires_grad_() for s in structure.z_shapes]
-        capture = self._capture(watched, tuple(zs), same_shapes=True)
+        capture = self._capture(watched, tuple(zs), True, structure.fixed_lookups)
         try:
             with torch.enable_grad():
                 out = self.forward(self.params, point, capture)
@@ -613,7 +648,7 @@ class NTKContext:
             like.new_zeros(*batched_shape(s, p, n)).requires_grad_()
             for s, p in zip(structure.z_shapes, structure.points, strict=True)
         )
-        capture = self._capture(watched, zs)
+        capture = self._capture(watched, zs, fixed=structure.fixed_lookups)
         with torch.enable_grad():
             out = self.forward(self.params, chunk, capture)
             grads = output_gradients(out, list(zs))
