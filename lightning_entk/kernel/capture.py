@@ -493,7 +493,10 @@ class Capture(TorchFunctionMode):
         query, key, value, mask = _bind(args, kwargs, names)
         if any(id(t) in self.views for t in (query, key, value)) or mask.dtype == torch.bool:
             raise Unsupported("attention on a parameter")
-        scores = torch.broadcast_shapes(mask.shape, (*query.shape[:-1], key.shape[-2]))
+        try:
+            scores = torch.broadcast_shapes(mask.shape, (*query.shape[:-1], key.shape[-2]))
+        except RuntimeError as err:
+            raise Unsupported("a mask that does not broadcast to the scores") from err
         mask = self._add(mask.new_zeros(scores), mask)
         rest = {k: v for k, v in kwargs.items() if k not in names}
         return F.scaled_dot_product_attention(query, key, value, mask, *args[4:], **rest)

@@ -496,15 +496,18 @@ class NTKContext:
             return False
         shared = {z for z, points in enumerate(found.points) if points is None}
         one = take(sample, slice(0, 1))
-        capture = self._capture(found.structured)
-        with torch.no_grad():
-            self.forward(self.params, one, capture)
-        fixed = frozenset(key for key, z in capture.lookups if z in shared)
-        if not fixed:
+        try:
+            capture = self._capture(found.structured)
+            with torch.no_grad():
+                self.forward(self.params, one, capture)
+            fixed = frozenset(key for key, z in capture.lookups if z in shared)
+            if not fixed:
+                return False
+            capture = self._capture(found.structured, fixed=fixed)
+            with torch.no_grad():
+                self.forward(self.params, one, capture)
+        except Exception:  # the capture cannot run the model so: the shared outputs stay
             return False
-        capture = self._capture(found.structured, fixed=fixed)
-        with torch.no_grad():
-            self.forward(self.params, one, capture)
         if capture.opaque or {u.param for u in capture.uses} != set(found.structured):
             return False
         found.uses, found.z_shapes, found.points = capture.uses, capture.z_shapes, []
