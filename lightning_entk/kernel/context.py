@@ -446,7 +446,8 @@ class NTKContext:
         under ``vmap``, else (``vmap`` cannot batch the model) one point at a time. The trial
         is checked whatever the route, so that a parameter that fails the check (a use the
         capture did not see) moves to the generic path here, where :func:`ntk_plan` sees it,
-        and the batched pass is tried again without it."""
+        and the batched pass is tried again without it. A batched pass that fails on a shared
+        lookup is tried again with it taken as a view (:meth:`_lookups_as_views`)."""
         found.trial_points = num_points(sample)
         aligned = self._batch_aligned(found, sample)
         if aligned is True:
