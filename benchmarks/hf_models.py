@@ -32,7 +32,7 @@ import warnings
 
 import torch
 
-from _harness import measure, relative_error
+from _harness import JACOBIAN_GIB, measure, relative_error, torch_func
 
 VOCAB = 97
 
@@ -73,7 +73,7 @@ def gpt2(hidden, heads, n, length):
     return GPT2LMHeadModel(config).eval(), ids(n, length), last_position
 
 
-def decoder(kind, n=32, length=8):
+def decoder(kind, n=32, length=8, experts=None):
     import transformers as tf
 
     torch.manual_seed(0)
@@ -86,7 +86,9 @@ def decoder(kind, n=32, length=8):
     elif kind == "gemma":
         model = tf.GemmaForCausalLM(tf.GemmaConfig(**common, head_dim=32))
     else:
-        config = tf.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2)
+        # experts: how the experts run; "eager" loops over them, F.linear(x, W[e])
+        options = {} if experts is None else {"experts_implementation": experts}
+        config = tf.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2, **options)
         model = tf.MixtralForCausalLM(config)
     return model.eval(), ids(n, length), last_position
 
@@ -171,6 +173,10 @@ def setup_mixtral():
     return decoder("mixtral")
 
 
+def setup_mixtral_eager():
+    return decoder("mixtral", experts="eager")
+
+
 CASES = {
     "bert_tiny": ("BERT, 2 layers, hidden 128, 4 heads, 5 labels; 64 x 8 tokens", setup_bert_tiny),
     "bert_tiny_mask": ("the same, padded `attention_mask` (lengths 3-8)", setup_bert_tiny_mask),
@@ -184,13 +190,13 @@ CASES = {
     "gemma": ("Gemma, 2 layers, hidden 128, C = 97; 32 x 8 tokens", setup_gemma),
     "mixtral": ("Mixtral, 2 layers, hidden 128, 4 experts top-2, C = 97; 32 x 8 tokens",
                 setup_mixtral),
+    "mixtral_eager": ("the same, `experts_implementation=\"eager\"` (F.linear(x, W[e]))",
+                      setup_mixtral_eager),
     "t5": ("T5, 2+2 layers, d_model 128, C = 97 (last decoder position); 32 x 8 tokens", t5),
     "deberta_v2": ("DeBERTa-v2, 2 layers, hidden 128, 5 labels; 64 x 8 tokens", deberta),
     "vit": ("ViT, 2 layers, hidden 128, 32x32 images, patches 8, 5 labels; 64 images", vit),
     "mamba": ("Mamba, 2 layers, hidden 128, C = 97; 32 x 8 tokens", mamba),
 }  # fmt: skip
-
-_GIB = "ENTK_BENCH_JACOBIAN_GIB"  # --jacobian-gib, passed to the fresh processes
 
 
 def _entk(model, x, output_fn, method):
@@ -207,53 +213,6 @@ def default(model, x, output_fn):
 
 def package_jacobian(model, x, output_fn):
     return _entk(model, x, output_fn, "jacobian")
-
-
-def torch_func(model, x, output_fn, max_bytes=None):
-    """The trace eNTK by ``torch.func`` as users write it: ``vmap(jacrev(...))`` over the
-    points (a loop of ``jacrev`` where ``vmap`` cannot run the model), ``J J^T``. Returns
-    ``(kernel, lower_bound)``: with ``lower_bound`` the Jacobians did not fit ``max_bytes`` and
-    only the diagonal blocks of chunks of points were contracted (the rest is left zero)."""
-    from torch.func import functional_call, jacrev, vmap
-    from torch.utils._pytree import tree_flatten, tree_map
-
-    max_bytes = max_bytes or int(float(os.environ.get(_GIB, 3)) * 2**30)
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    buffers = dict(model.named_buffers())
-
-    def f(p, xi):
-        one = tree_map(lambda t: t[None], xi)
-        args, kwargs = ((), one) if isinstance(one, dict) else ((one,), {})
-        raw = functional_call(model, (p, buffers), args, kwargs)
-        out = output_fn(raw) if output_fn is not None else getattr(raw, "logits", raw)
-        return out[0]
-
-    leaves = tree_flatten(x)[0]
-    n = leaves[0].shape[0]
-    c = f(params, tree_map(lambda t: t[0], x)).shape[0]
-    size = sum(p.numel() for p in params.values())
-    per_point = c * size * 4
-    chunk = max(1, min(n, max_bytes // per_point))
-
-    def jacobians(lo, hi):
-        part = tree_map(lambda t: t[lo:hi], x)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore")
-            try:
-                jac = vmap(jacrev(f), in_dims=(None, 0))(params, part)
-            except RuntimeError:  # data-dependent code vmap cannot run: one point at a time
-                rows = [jacrev(f)(params, tree_map(lambda t, i=i: t[i], part))
-                        for i in range(hi - lo)]  # fmt: skip
-                jac = {k: torch.stack([r[k] for r in rows]) for k in params}
-        return torch.cat([jac[k].reshape(hi - lo, -1) for k in params], dim=1)
-
-    kernel = torch.zeros(n, n)
-    for lo in range(0, n, chunk):
-        hi = min(lo + chunk, n)
-        j = jacobians(lo, hi)
-        kernel[lo:hi, lo:hi] = j @ j.T
-        del j
-    return kernel, chunk < n
 
 
 def first_and_warm(model, x, output_fn):
@@ -308,7 +267,7 @@ def main():
     parser.add_argument("--package-jacobian", action="store_true")
     parser.add_argument("--float64-check", action="store_true")
     args = parser.parse_args()
-    os.environ[_GIB] = str(args.jacobian_gib)
+    os.environ[JACOBIAN_GIB] = str(args.jacobian_gib)
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, "
         f"{torch.get_num_threads()} threads; load average before: {os.getloadavg()}\n"

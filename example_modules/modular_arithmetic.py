@@ -52,20 +52,9 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from example_modules import demo
 from lightning_entk.callback import ENTKMonitor
+from lightning_entk.checks import check_int, check_number
 
 FAMILIES = ("a", "b", "sum", "diff")
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
-
-
-def _check_positive(name: str, value: object, allow_zero: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"`{name}` must be a finite number {bound}, got {value!r}.")
 
 
 def _fourier_columns(values: Tensor, p: int, dtype: torch.dtype) -> Tensor:
@@ -116,7 +105,7 @@ def fourier_features(p: int, family: str) -> Tensor:
         tensor([[0.3090, 0.9511],
                 [0.3090, 0.9511]], dtype=torch.float64)
     """
-    _check_int("p", p, 2)
+    check_int("p", p, 2)
     a, b = grid_pairs(p)
     return _fourier_columns(_family_values(a, b, family), p, torch.float64)
 
@@ -179,21 +168,17 @@ class ModularArithmeticDataModule(L.LightningDataModule):
         shuffle_labels: bool = False,
     ) -> None:
         super().__init__()
-        _check_int("p", p, 2)
-        ok = isinstance(train_fraction, (int, float)) and not isinstance(train_fraction, bool)
-        if not ok or not 0 < train_fraction < 1:
-            raise ValueError(
-                f"`train_fraction` must be a number in (0, 1), got {train_fraction!r}."
-            )
+        check_int("p", p, 2)
+        check_number("train_fraction", train_fraction, 0, 1)
         n_train = round(train_fraction * p * p)
         if not 0 < n_train < p * p:
             raise ValueError(
                 f"`train_fraction` must leave at least one of the {p * p} pairs in each split, "
                 f"got {train_fraction!r} ({n_train} training pairs)."
             )
-        _check_int("seed", seed, 0)
+        check_int("seed", seed, 0)
         if batch_size is not None:
-            _check_int("batch_size", batch_size, 1)
+            check_int("batch_size", batch_size)
         self.save_hyperparameters()
         self.p = p
         self.batch_size = batch_size
@@ -299,11 +284,11 @@ class ModularArithmeticMLP(ModularClassifier):
     def __init__(
         self, p: int = 29, hidden: int = 512, lr: float = 0.05, weight_decay: float = 0.01
     ) -> None:
-        _check_int("p", p, 2)
+        check_int("p", p, 2)
         super().__init__(p)
-        _check_int("hidden", hidden, 1)
-        _check_positive("lr", lr)
-        _check_positive("weight_decay", weight_decay, allow_zero=True)
+        check_int("hidden", hidden)
+        check_number("lr", lr, words="a finite number > 0")
+        check_number("weight_decay", weight_decay, 0, interval="[)", words="a finite number >= 0")
         self.save_hyperparameters()
         self.hidden = hidden
         self.layer1 = nn.Linear(2 * p, hidden, bias=False)

@@ -81,11 +81,10 @@ from example_modules import demo
 from example_modules.modular_arithmetic import (
     ModularArithmeticDataModule,
     ModularClassifier,
-    _check_int,
-    _check_positive,
     fourier_families,
     grid_pairs,
 )
+from lightning_entk.checks import check_int, check_number
 
 SEQUENCE_LENGTH = 3  # "a b ="
 DEMO_SEED = 4  # the quickest of seeds 0-4 (module docstring)
@@ -217,17 +216,17 @@ class ModularTransformer(ModularClassifier):
         weight_decay: float = 1.0,
         betas: tuple[float, float] = (0.9, 0.98),
     ) -> None:
-        _check_int("p", p, 2)
+        check_int("p", p, 2)
         super().__init__(p)
-        _check_int("d_model", d_model, 1)
-        _check_int("d_mlp", d_mlp, 1)
-        _check_int("n_heads", n_heads, 1)
+        check_int("d_model", d_model)
+        check_int("d_mlp", d_mlp)
+        check_int("n_heads", n_heads)
         if d_model % n_heads:
             raise ValueError(
                 f"`n_heads` must divide `d_model`, got n_heads={n_heads} and d_model={d_model}."
             )
-        _check_positive("lr", lr)
-        _check_positive("weight_decay", weight_decay, allow_zero=True)
+        check_number("lr", lr, words="a finite number > 0")
+        check_number("weight_decay", weight_decay, 0, interval="[)", words="a finite number >= 0")
         betas = tuple(betas)
         if len(betas) != 2 or not all(
             isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas

@@ -29,33 +29,16 @@ Ground-truth protocol, read by :class:`~lightning_entk.callback.ENTKMonitor`:
 
 from __future__ import annotations
 
-import math
-
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_entk.checks import check_int, check_number
+
 RECONSTRUCTED_THRESHOLD = 0.75
 """``(W^T W)_ii`` at or above which feature ``i`` counts as reconstructed (arXiv:2510.00468)."""
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
-
-
-def _check_number(name: str, value: object, low: float, high: float, interval: str) -> None:
-    """``value`` a finite number in ``interval``, one of ``"[)"``, ``"()"`` or ``"(]"``."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        above = value >= low if interval[0] == "[" else value > low
-        below = value <= high if interval[1] == "]" else value < high
-        ok = above and below
-    if not ok:
-        bounds = f"{interval[0]}{low:g}, {high:g}{interval[1]}"
-        raise ValueError(f"`{name}` must be a number in {bounds}, got {value!r}.")
 
 
 class SuperpositionDataModule(L.LightningDataModule):
@@ -87,10 +70,10 @@ class SuperpositionDataModule(L.LightningDataModule):
         self, n_features: int = 50, sparsity: float = 0.9, n_samples: int = 500, seed: int = 0
     ) -> None:
         super().__init__()
-        _check_int("n_features", n_features, 1)
-        _check_number("sparsity", sparsity, 0, 1, "[)")
-        _check_int("n_samples", n_samples, 1)
-        _check_int("seed", seed, 0)
+        check_int("n_features", n_features)
+        check_number("sparsity", sparsity, 0, 1, "[)")
+        check_int("n_samples", n_samples)
+        check_int("seed", seed, 0)
         self.save_hyperparameters()
         generator = torch.Generator().manual_seed(seed)
         values = torch.rand(n_samples, n_features, generator=generator)
@@ -135,10 +118,10 @@ class ToyModelOfSuperposition(L.LightningModule):
         self, n_features: int = 50, n_hidden: int = 10, importance: float = 0.8, lr: float = 1e-3
     ) -> None:
         super().__init__()
-        _check_int("n_features", n_features, 1)
-        _check_int("n_hidden", n_hidden, 1)
-        _check_number("importance", importance, 0, 1, "(]")
-        _check_number("lr", lr, 0, math.inf, "()")
+        check_int("n_features", n_features)
+        check_int("n_hidden", n_hidden)
+        check_number("importance", importance, 0, 1, "(]")
+        check_number("lr", lr, words="a number in (0, inf)")
         self.save_hyperparameters()
         self.W = nn.Parameter(nn.init.xavier_normal_(torch.empty(n_hidden, n_features)))
         self.b = nn.Parameter(torch.zeros(n_features))

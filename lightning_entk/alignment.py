@@ -26,6 +26,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from lightning_entk.checks import check_int
+
 ArrayLike = np.ndarray | torch.Tensor
 
 
@@ -181,8 +183,7 @@ def cyclic_shift(p: int, axis: int) -> np.ndarray:
         >>> cyclic_shift(2, 1)
         array([1, 0, 3, 2])
     """
-    if isinstance(p, bool) or not isinstance(p, int | np.integer) or p < 1:
-        raise ValueError(f"`p` must be a positive int, got {p!r}.")
+    check_int("p", p, words="a positive int")
     if axis not in (0, 1):
         raise ValueError(f"`axis` must be 0 (shift a) or 1 (shift b), got {axis!r}.")
     a, b = np.divmod(np.arange(p * p), p)

@@ -81,6 +81,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lightning_entk.checks import check_int, check_number
+
 # The typical fall near a rank is this quantile of the falls in the windows (step 2 above).
 _REFERENCE_QUANTILE = 75.0
 # The floor is at least this many times the magnitude of the most negative eigenvalue.
@@ -149,11 +151,11 @@ def find_cliffs(
         >>> [c.rank for c in find_cliffs(np.sort(plateaus)[::-1])]
         [20, 50]
     """
-    _check_number("significance", significance, "> 1", lambda v: v > 1)
-    _check_number("min_drop", min_drop, ">= 0", lambda v: v >= 0)
-    _check_int("window", window, 1)
-    _check_int("min_plateau", min_plateau, 1)
-    _check_number("rtol", rtol, "in [0, 1)", lambda v: 0 <= v < 1)
+    check_number("significance", significance, 1)
+    check_number("min_drop", min_drop, 0, interval="[)")
+    check_int("window", window)
+    check_int("min_plateau", min_plateau)
+    check_number("rtol", rtol, 0, 1, "[)")
     values = _as_eigenvalues(eigenvalues)
     if values.size == 0 or values.max() <= 0:
         return []
@@ -230,16 +232,3 @@ def _check_descending(values: np.ndarray, tolerance: float) -> None:
             f"cliff), got {values[i]:.6g} at index {i} then {values[i + 1]:.6g}; "
             "np.linalg.eigvalsh returns ascending order: pass values[::-1]."
         )
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
-
-
-def _check_number(name: str, value: object, allowed: str, ok) -> None:
-    number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
-        value, bool
-    )
-    if not number or not math.isfinite(value) or not ok(value):
-        raise ValueError(f"`{name}` must be a number {allowed}, got {value!r}.")

@@ -50,6 +50,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from lightning_entk import keys
+from lightning_entk.checks import check_int, check_number
 from lightning_entk.cliffs import Cliff
 from lightning_entk.milestones import RANK_TOLERANCE
 
@@ -158,15 +159,10 @@ class EarlyWarning:
             ("alignment_ratio", alignment_ratio),
             ("min_train_alignment", min_train_alignment),
         ):
-            if not 0 < value <= 1:
-                raise ValueError(f"`{name}` must be in (0, 1], got {value!r}.")
+            check_number(name, value, 0, 1, "(]")
         for name, value in (("persistence", persistence), ("warmup", warmup)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
-        if not isinstance(rank_tolerance, int) or rank_tolerance < 0:
-            raise ValueError(
-                f"`rank_tolerance` must be a non-negative int, got {rank_tolerance!r}."
-            )
+            check_int(name, value, words="a positive int")
+        check_int("rank_tolerance", rank_tolerance, 0, words="a non-negative int")
         if velocity_factor is not None and velocity_factor <= 1:
             raise ValueError(f"`velocity_factor` must be > 1, got {velocity_factor!r}.")
         self.accuracy_key = accuracy_key

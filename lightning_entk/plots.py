@@ -26,6 +26,7 @@ from matplotlib.transforms import blended_transform_factory
 
 from lightning_entk import keys
 from lightning_entk.alignment import feature_alignment
+from lightning_entk.checks import check_int
 
 FIGSIZE = (8.0, 5.0)  # inches; at DPI a 800 x 500 image, legible in TensorBoard's image panel
 DPI = 100
@@ -70,10 +71,7 @@ def _as_float_array(name: str, value, ndim: int) -> np.ndarray:
 
 
 def _check_max_index(max_index: int | None) -> None:
-    if max_index is not None and (
-        isinstance(max_index, bool) or not isinstance(max_index, int | np.integer) or max_index < 1
-    ):
-        raise ValueError(f"`max_index` must be a positive int or None, got {max_index!r}.")
+    check_int("max_index", max_index, optional=True, words="a positive int")
 
 
 def _fall_label(cliff) -> str:

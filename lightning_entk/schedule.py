@@ -69,6 +69,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Protocol
 
 from lightning_entk import keys
+from lightning_entk.checks import check_int, check_number
 
 DEFAULT_MAX_OVERHEAD = 0.1  # the monitor's seconds, sentinel included, over training's
 # The signals whose change sets the gap: the key itself or ``entk/<group>/<signal>``.
@@ -174,10 +175,7 @@ class FixedCadence:
             ("every_n_epochs", every_n_epochs),
             ("every_n_train_steps", every_n_train_steps),
         ):
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 1
-            ):
-                raise ValueError(f"`{name}` must be a positive int or None, got {value!r}.")
+            check_int(name, value, optional=True, words="a positive int")
         self.every_n_epochs = every_n_epochs
         self.every_n_train_steps = every_n_train_steps
 
@@ -255,10 +253,8 @@ class TimeBudget:
         self, max_overhead: float = DEFAULT_MAX_OVERHEAD, tolerance: float = 0.02, burst: int = 4
     ):
         for name, value in (("max_overhead", max_overhead), ("tolerance", tolerance)):
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-                raise ValueError(f"`{name}` must be a positive number, got {value!r}.")
-        if isinstance(burst, bool) or not isinstance(burst, int) or burst < 0:
-            raise ValueError(f"`burst` must be a non-negative int, got {burst!r}.")
+            check_number(name, value, words="a positive number")
+        check_int("burst", burst, 0, words="a non-negative int")
         self.max_overhead = float(max_overhead)
         self.tolerance = float(tolerance)
         self.burst = burst

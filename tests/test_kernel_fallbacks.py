@@ -11,6 +11,8 @@ from test_kernel_ops import float_points, tokens
 from torch import nn
 from user_models import (
     CachedRecurrent,
+    DroppedRelativeEmbeddings,
+    ExpertParameters,
     Float32NormMLP,
     KeywordConv,
     OldStyleFunctionMLP,
@@ -48,8 +50,20 @@ CASES = {
         lambda: tokens(5),
         EXACT,
     ),
+    "t5_relative_bias_sdpa": (
+        lambda: RelativeBiasAttention(lookup="embedding", sdpa=True),
+        lambda: tokens(5),
+        EXACT,
+    ),
+    "t5_relative_bias_causal_sdpa": (
+        lambda: RelativeBiasAttention(lookup="embedding", sdpa=True, causal=True),
+        lambda: tokens(5),
+        EXACT,
+    ),
+    "dropped_relative_embeddings": (DroppedRelativeEmbeddings, lambda: tokens(5), EXACT),
     "old_style_function": (OldStyleFunctionMLP, lambda: float_points(5, d=5), EXACT),
     "token_routing": (TokenRouting, lambda: tokens(5, t=5), EXACT),
+    "expert_parameters": (ExpertParameters, lambda: tokens(5, t=5), EXACT),
 }
 
 
@@ -79,22 +93,41 @@ def test_ntk_plan_predicts_the_routes_and_capture_the_kernel_takes(name):
     assert summary(ntk_plan(model, x)) == before
 
 
-@pytest.mark.parametrize("name", ["float32_norm", "float32_layer", "gemma_norm", "keyword_conv"])
+@pytest.mark.parametrize(
+    "name",
+    ["float32_norm", "float32_layer", "gemma_norm", "keyword_conv", "dropped_relative_embeddings"],
+)
 def test_ntk_plan_keeps_every_parameter_structured_in_batched_passes(name):
     """The check's tolerance follows the float32 an island computes in, not float64's;
-    Gemma's ``1 + weight`` is a view of the weight; keyword convolutions take the defaults."""
+    Gemma's ``1 + weight`` is a view of the weight; keyword convolutions take the defaults;
+    dropout outside training is the identity on a parameter."""
     model, x, _ = build(name)
     plan = ntk_plan(model, x)
     assert set(plan.routes().values()) == {"structured"}
     assert plan.capture == "batched"
 
 
-def test_ntk_plan_names_the_vmap_fallback_of_a_shared_bias_reshaped_into_heads():
-    model, x, _ = build("swin_relative_bias")
+@pytest.mark.parametrize(
+    "name",
+    [
+        "swin_relative_bias",
+        "t5_relative_bias",
+        "t5_relative_bias_sdpa",
+        "t5_relative_bias_causal_sdpa",
+    ],
+)
+def test_ntk_plan_captures_a_shared_bias_reshaped_into_heads_in_batched_passes(name):
+    """A relative-position bias looked up by positions alone (Swin's ``table[index]``, T5's
+    ``nn.Embedding``) cannot take a points dim before it is reshaped into the heads; taken as
+    a view of its table, it meets the points where it is added to the scores (by ``+``, or
+    inside ``scaled_dot_product_attention``, after ``torch.where`` with a causal mask), and
+    the pass is batched. Its entries repeat over pairs of positions: Jacobian columns."""
+    model, x, _ = build(name)
     plan = ntk_plan(model, x)
-    assert plan.capture == "vmap"
-    assert plan.capture_reason.startswith("a batched pass failed")
-    assert set(plan.routes().values()) == {"structured"}
+    assert plan.capture == "batched"
+    routes = plan.routes()
+    assert routes.pop("table.weight") == "columns"
+    assert set(routes.values()) == {"structured"}
 
 
 def test_empirical_ntk_parameter_failing_the_check_goes_generic_and_the_rest_stays_exact(
@@ -167,3 +200,13 @@ def test_ntk_plan_sends_parameters_of_point_dependent_shapes_to_the_generic_rout
     model, x, _ = build("token_routing")
     routes = ntk_plan(model, x).routes()
     assert set(routes.values()) == {"generic"}
+
+
+def test_ntk_plan_keeps_experts_indexed_in_one_parameter_structured():
+    """Experts stored as one 3-D parameter and indexed by expert (Mixtral's
+    ``gate_up_proj[e]``): every expert's rows are one operation, the same for every point, so
+    the experts take the structured route, captured one point at a time."""
+    model, x, _ = build("expert_parameters")
+    plan = ntk_plan(model, x)
+    assert set(plan.routes().values()) == {"structured"}
+    assert plan.capture == "per point"

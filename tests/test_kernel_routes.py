@@ -11,8 +11,9 @@ from torch import Tensor, nn
 
 from lightning_entk import empirical_ntk, ntk_plan, ntk_spectrum
 from lightning_entk.kernel import KernelOptions, factors
-from lightning_entk.kernel.context import PointsDim, ntk_context
+from lightning_entk.kernel.context import ntk_context
 from lightning_entk.kernel.factors import TiedBlock
+from lightning_entk.kernel.layout import PointsDim
 
 from reference import brute_force_ntk
 

@@ -472,11 +472,15 @@ class RelativeBiasAttention(nn.Module):
     """Window attention with a shared relative-position bias, as Swin and T5 write it: a
     table of (relative offsets, heads) looked up with a fixed index buffer (``table[index]``,
     Swin) or ``nn.Embedding`` (T5), reshaped and permuted into the heads, and added to every
-    point's attention scores."""
+    point's attention scores; or, with ``sdpa``, passed as the additive ``attn_mask`` of
+    ``F.scaled_dot_product_attention``, after ``torch.where`` with a causal mask when
+    ``causal`` (as ``transformers``' SDPA attention passes T5's bias)."""
 
-    def __init__(self, vocab=11, t=4, d=8, heads=2, classes=3, lookup="index"):
+    def __init__(
+        self, vocab=11, t=4, d=8, heads=2, classes=3, lookup="index", sdpa=False, causal=False
+    ):
         super().__init__()
-        self.heads, self.lookup = heads, lookup
+        self.heads, self.lookup, self.sdpa, self.causal = heads, lookup, sdpa, causal
         self.embed = nn.Embedding(vocab, d)
         self.qkv = nn.Linear(d, 3 * d)
         self.out = nn.Linear(d, classes)
@@ -495,8 +499,16 @@ class RelativeBiasAttention(nn.Module):
         n, t = tokens.shape
         q, k, v = self.qkv(self.embed(tokens)).view(n, t, 3, self.heads, -1).unbind(2)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))
-        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + self.bias()
-        h = (scores.softmax(-1) @ v).transpose(1, 2).reshape(n, t, -1)
+        if self.sdpa:
+            mask = self.bias()
+            if self.causal:
+                allowed = torch.ones(t, t, dtype=torch.bool).tril().view(1, 1, t, t)
+                mask = torch.where(allowed, mask, torch.finfo(mask.dtype).min)
+            h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + self.bias()
+            h = scores.softmax(-1) @ v
+        h = h.transpose(1, 2).reshape(n, t, -1)
         return self.out(torch.tanh(h).mean(1))
 
 
@@ -591,3 +603,57 @@ class TokenRouting(nn.Module):
             idx = ((flat[:, 0] > 0) == bool(e)).nonzero()[:, 0]
             mixed = mixed.index_add(0, idx, torch.tanh(expert(flat[idx])))
         return self.out(mixed.view_as(h).mean(1))
+
+
+class ExpertParameters(nn.Module):
+    """A mixture of experts whose experts are stored as one 3-D parameter each and indexed by
+    expert, as ``transformers``' Mixtral writes it: a linear router picks the top two of four
+    experts per token, and each expert ``e`` that some token chose runs
+    ``F.linear(x, gate_up_proj[e])`` (``e`` a 0-d tensor), a SwiGLU and
+    ``F.linear(h, down_proj[e])`` on its tokens, weighted and added back with ``index_add_``.
+    Which experts run, and on how many rows, differs from point to point."""
+
+    def __init__(self, vocab=11, d=6, hidden=8, experts=4, top_k=2, classes=3):
+        super().__init__()
+        self.experts, self.top_k = experts, top_k
+        self.embed = nn.Embedding(vocab, d)
+        self.router = nn.Linear(d, experts, bias=False)
+        self.gate_up_proj = nn.Parameter(torch.randn(experts, 2 * hidden, d) / math.sqrt(d))
+        self.down_proj = nn.Parameter(torch.randn(experts, d, hidden) / math.sqrt(hidden))
+        self.out = nn.Linear(d, classes)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        h = self.embed(tokens)
+        flat = h.reshape(-1, h.shape[-1])
+        weights, chosen = self.router(flat).softmax(-1).topk(self.top_k, dim=-1)
+        weights = weights / weights.sum(-1, keepdim=True)
+        mixed = torch.zeros_like(flat)
+        with torch.no_grad():
+            mask = F.one_hot(chosen, self.experts).permute(2, 1, 0)  # (E, top_k, rows)
+            hit = (mask.sum(dim=(-1, -2)) > 0).nonzero()
+        for expert in hit:
+            expert = expert[0]
+            slot, rows = torch.where(mask[expert])
+            gate, up = F.linear(flat[rows], self.gate_up_proj[expert]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.down_proj[expert])
+            mixed.index_add_(0, rows, y * weights[rows, slot, None])
+        return self.out((h + mixed.view_as(h)).mean(1))
+
+
+class DroppedRelativeEmbeddings(nn.Module):
+    """A table of relative embeddings passed through dropout (the identity in eval mode) and
+    projected by a linear layer that the points' hidden states also go through, as
+    DeBERTa-v2 writes it: ``key_proj(dropout(rel_embeddings))``."""
+
+    def __init__(self, vocab=11, d=6, positions=4, classes=3):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.rel_embeddings = nn.Parameter(torch.randn(positions, d))
+        self.dropout = nn.Dropout(0.1)
+        self.key_proj = nn.Linear(d, d)
+        self.out = nn.Linear(positions, classes)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        h = self.key_proj(self.embed(tokens))  # (N, T, d)
+        keys = self.key_proj(self.dropout(self.rel_embeddings))  # (positions, d), shared
+        return self.out(torch.tanh(h @ keys.transpose(-1, -2)).mean(1))

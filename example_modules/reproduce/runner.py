@@ -56,6 +56,7 @@ from lightning_entk import (
     ntk_spectrum,
     subspace_overlap,
 )
+from lightning_entk.checks import check_int
 from lightning_entk.milestones import first_epoch_reaching, nearest_rank
 from lightning_entk.probe import ProbeSet
 
@@ -93,8 +94,7 @@ class ModularConfig:
     def __post_init__(self) -> None:
         for name in ("monitor_every", "overlap_every"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+            check_int(name, value, words="a positive int")
         if self.overlap_every % self.monitor_every:
             raise ValueError(
                 f"`overlap_every` must be a multiple of `monitor_every` ({self.monitor_every}) so "
@@ -368,8 +368,7 @@ class TrainingRecord(Callback):
     the last one, in :attr:`snapshots` (completed epochs -> ``state_dict``)."""
 
     def __init__(self, every_n_epochs: int, accuracy_key: str = "val_acc") -> None:
-        if not isinstance(every_n_epochs, int) or every_n_epochs < 1:
-            raise ValueError(f"`every_n_epochs` must be a positive int, got {every_n_epochs!r}.")
+        check_int("every_n_epochs", every_n_epochs, words="a positive int")
         self.every_n_epochs = every_n_epochs
         self.accuracy_key = accuracy_key
         self.val_acc: dict[int, float] = {}

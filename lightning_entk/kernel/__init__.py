@@ -31,7 +31,10 @@ The engine, by part:
     ``options``   :class:`KernelOptions`, every choice besides points and mode, its checks,
                   parameter selection and groups
     ``budget``    :class:`MemoryBudget`, the one place where the memory budget is divided
-    ``context``   the driver that ties these together, and what it keeps across calls
+    ``layout``    where a batched pass holds each point, read back per point
+    ``assembly``  each use's factors, and the blocks of the Jacobian made from them
+    ``context``   the driver that ties these together (discovery, the capture route, the
+                  check), and what it keeps across calls
     ``plan``      the route of each parameter and the predicted cost, before running
 
 :func:`empirical_ntk` is the one entry point. Its cost is one backward pass per output, so the

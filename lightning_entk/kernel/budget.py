@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lightning_entk.checks import check_int
+
 DEFAULT_MEMORY_BUDGET = 2 * 2**30  # bytes for everything one evaluation allocates
 
 
@@ -41,10 +43,7 @@ class MemoryBudget:
     total: int = DEFAULT_MEMORY_BUDGET
 
     def __post_init__(self) -> None:
-        if isinstance(self.total, bool) or not isinstance(self.total, int) or self.total < 1:
-            raise ValueError(
-                f"`memory_budget` must be a positive int of bytes, got {self.total!r}."
-            )
+        check_int("memory_budget", self.total, words="a positive int of bytes")
 
     @property
     def piece(self) -> int:

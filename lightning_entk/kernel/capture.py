@@ -10,6 +10,21 @@ zero perturbation ``z`` to the operation's output: the gradient of each model ou
 respect to ``z`` is the factor ``g``. A parameter that enters any other operation is *opaque*
 and takes the generic path.
 
+A mixture of experts that keeps its experts in one parameter ``W`` (E, O, I) and applies
+expert ``e`` as ``F.linear(x, W[e])`` (``e`` a 0-d tensor, as ``transformers``' experts do)
+runs one such operation per expert its tokens chose, which differ from point to point. All
+of them are one operation here, an *expert* operation per parameter: its output is the rows of
+every expert's output in the order they come (one per token and chosen expert, a number the
+same for every point), its factor each row's input placed at its expert's slot (so that, as
+for any use, ``y[t, o] = sum_(e, i) x[t, e, i] W[e, o, i]``), and each expert's operation
+reads its own rows of the one perturbation.
+
+A lookup whose ids do not depend on the points (T5's and Swin's relative-position bias,
+``table[index]`` with an index made from positions alone) may be taken as a *view* of the
+table instead (``fixed_lookups``): its output then enters the operation where it meets the
+points (the attention scores it is added to) as a view of the parameter, with the entries of
+the table repeated where the ids repeat.
+
 ``nn.MultiheadAttention`` calls ``F.multi_head_attention_forward``, a Python function that
 hands itself whole to the mode; the mode runs its body with the mode still active, so that the
 projections inside are seen one by one.
@@ -74,13 +89,18 @@ class ShapeChanged(RuntimeError):
 
 
 class _View:
-    """A view of a parameter: its name, the flat indices of its entries, a scale."""
+    """A view of a parameter: its name, the flat indices of its entries, a scale; for one
+    expert's slice ``W[e]`` of a parameter of experts, ``expert`` is ``e`` and ``index`` the
+    indices of all of ``W`` (E, ...)."""
 
-    __slots__ = ("index", "param", "scale", "tensor")
+    __slots__ = ("expert", "index", "param", "scale", "tensor")
 
-    def __init__(self, param: str, index: Tensor, scale: float, tensor: Tensor) -> None:
+    def __init__(
+        self, param: str, index: Tensor, scale: float, tensor: Tensor, expert: int | None = None
+    ) -> None:
         self.param, self.index, self.scale = param, index, scale
         self.tensor = tensor  # kept alive so that its id is not reused
+        self.expert = expert
 
 
 class Capture(TorchFunctionMode):
@@ -94,6 +114,8 @@ class Capture(TorchFunctionMode):
         same_shapes: each operation's output must have its perturbation's shape (a pass over
             one point, as discovery's): else :class:`ShapeChanged` (data-dependent shapes),
             not a perturbation broadcast over a different output.
+        fixed_lookups: the lookups (parameter, how many lookups of it came before) to take
+            as views (see the module docstring); :attr:`lookups` lists the others.
     """
 
     def __init__(
@@ -102,8 +124,12 @@ class Capture(TorchFunctionMode):
         perturbations: tuple | None = None,
         indices: dict[str, Tensor] | None = None,
         same_shapes: bool = False,
+        fixed_lookups: frozenset[tuple[str, int]] = frozenset(),
     ) -> None:
         super().__init__()
+        self.fixed_lookups = fixed_lookups
+        self.lookups: list[tuple[tuple[str, int], int]] = []  # (lookup, its operation)
+        self._lookups_of: dict[str, int] = {}  # lookups of each parameter so far
         indices = indices or {}
         self.views = {
             id(p): _View(name, indices[name] if name in indices else element_indices(p), 1.0, p)
@@ -116,6 +142,9 @@ class Capture(TorchFunctionMode):
         self.factors: list[Tensor] = []  # one per use of kind "dense" or "tokens", in order
         self.z_shapes: list[tuple[int, ...]] = []
         self.opaque: set[str] = set()
+        # Expert operations (see the module docstring): (param, layout shape, scale) -> the
+        # operation's use and where its factor is in :attr:`factors`.
+        self._experts: dict[tuple, tuple[Use, int]] = {}
         # The least precise floating dtype any operation computed in: a float64 model with a
         # float32 island (a norm computed in float32) is only as precise as the island.
         self.precision: torch.dtype | None = None
@@ -134,12 +163,15 @@ class Capture(TorchFunctionMode):
         views = [self.views[id(t)] for t in _tensors((args, kwargs)) if id(t) in self.views]
         if not views:
             return func(*args, **kwargs)
+        if any(v.expert is not None for v in views) and func is not F.linear:
+            return self._opaque(func, args, kwargs, views)
         if (
             func in _VIEWS
             or func in _CASTS
             or func in _SCALES
             or func in _NEGATIONS
             or (func in _OFFSETS and _is_number(args[1] if len(args) > 1 else None))
+            or _is_identity(func, args, kwargs)
         ):
             tracked = self._follow_view(func, args, kwargs)
             if tracked is not None:
@@ -149,9 +181,14 @@ class Capture(TorchFunctionMode):
         except Unsupported:
             out = NotImplemented
         if out is NotImplemented:
-            out = func(*args, **kwargs)
-            if _tensors(out):
-                self.opaque.update(v.param for v in views)
+            return self._opaque(func, args, kwargs, views)
+        return out
+
+    def _opaque(self, func, args, kwargs, views):
+        """``func`` run as it is; the parameters of ``views`` take the generic path."""
+        out = func(*args, **kwargs)
+        if _tensors(out):
+            self.opaque.update(v.param for v in views)
         return out
 
     # ---------------------------------------------------------------------------------------
@@ -177,7 +214,7 @@ class Capture(TorchFunctionMode):
             self._track(out, view.param, view.index, -view.scale)
         elif func in _OFFSETS:
             self._track(out, view.param, view.index, view.scale * _OFFSETS[func])
-        elif func in _CASTS:
+        elif func in _CASTS or _is_identity(func, args, kwargs):
             self._track(out, view.param, view.index, view.scale)
         else:
             index = func(view.index, *args[1:], **kwargs)
@@ -223,6 +260,8 @@ class Capture(TorchFunctionMode):
         ):
             if args[1].dtype == torch.bool:
                 raise Unsupported("boolean mask")
+            if args[1].ndim == 0 and args[0].ndim >= 3:
+                return self._expert(args[0], args[1])
             return self._lookup(args[0], args[1], None)
         if func in (F.conv1d, F.conv2d):
             x, w, b, stride, padding, dilation, groups = _bind(
@@ -235,6 +274,10 @@ class Capture(TorchFunctionMode):
             if padding == "valid":
                 padding = 0
             return self._conv(func, x, w, b, stride, padding, dilation, groups)
+        if func is torch.where and len(args) + len(kwargs) == 3:
+            return self._where(*_bind(args, kwargs, ("condition", "input", "other")))
+        if func is F.scaled_dot_product_attention:
+            return self._attention_mask(args, kwargs)
         if func in _MULS:
             return self._mul(func, args[0], args[1])
         if func in _ADDS or func in _SUBS:
@@ -276,7 +319,44 @@ class Capture(TorchFunctionMode):
         return NotImplemented
 
     def _linear(self, x, weight, bias):
+        view = self.views.get(id(weight))
+        if view is not None and view.expert is not None:
+            return self._expert_linear(x, weight, bias)
         return self._matmul(torch.matmul, x, self._transposed(weight), bias=bias)
+
+    def _expert(self, weight, expert):
+        """``W[e]``, expert ``e``'s slice of a parameter of experts (see the module docstring)."""
+        view = self.views.get(id(weight))
+        if view is None or id(expert) in self.views:
+            raise Unsupported("expert")
+        out = weight[expert]
+        self.views[id(out)] = _View(view.param, view.index, view.scale, out, int(expert))
+        return out
+
+    def _expert_linear(self, x, weight, bias):
+        """``F.linear(x, W[e], bias)`` as rows of the parameter's expert operation."""
+        view = self.views[id(weight)]
+        if weight.ndim != 2 or id(x) in self.views or id(bias) in self.views:
+            raise Unsupported("expert weight in another form")
+        y = F.linear(x, weight, bias)
+        rows = x.reshape(-1, x.shape[-1])
+        spread = rows.new_zeros(rows.shape[0], view.index.shape[0], rows.shape[1])
+        spread[:, view.expert] = rows
+        shape = (rows.shape[0], weight.shape[0])
+        factor, layout, perm, t, dims = einsum_use(spread, "tei", view.index, "eoi", shape, "to")
+        use = Use(view.param, layout, "dense", shape, perm, t, dims, view.scale)
+        key = (view.param, tuple(layout.shape), view.scale)
+        if key not in self._experts:  # the first expert: the operation, as any other
+            self._experts[key] = (use, len(self.factors))
+            return self._commit(y, [(use, factor)], expert_rows=t)
+        # A later expert: its rows added to the operation's, its factor to the use's.
+        held, i = self._experts[key]
+        start = held.positions
+        held.positions += t
+        held.out_shape = (held.positions, *held.out_shape[1:])
+        self.z_shapes[held.z] = held.out_shape
+        self.factors[i] = torch.cat([self.factors[i], factor.to(self.factors[i].dtype)])
+        return self._perturbed(y, held.z, slice(start, start + t))
 
     def _transposed(self, weight: Tensor) -> Tensor:
         view = self.views.get(id(weight))
@@ -331,7 +411,13 @@ class Capture(TorchFunctionMode):
         view = self.views.get(id(weight))
         if view is None or weight.ndim != 2 or id(ids) in self.views:
             raise Unsupported("lookup")
+        key = (view.param, self._lookups_of.get(view.param, 0))
+        self._lookups_of[view.param] = key[1] + 1
         y = F.embedding(ids, weight, padding_idx)
+        if key in self.fixed_lookups and (padding_idx is None or not (ids == padding_idx).any()):
+            self._track(y, view.param, view.index[ids], view.scale)
+            return y
+        self.lookups.append((key, len(self.z_shapes)))
         tokens = ids.reshape(-1)
         if padding_idx is not None:
             tokens = tokens.masked_fill(tokens == padding_idx % weight.shape[0], -1)
@@ -380,6 +466,41 @@ class Capture(TorchFunctionMode):
             forms = [(use, factor.clone()) for use, factor in forms]
         return self._commit(func(a, b), forms, inplace=inplace)
 
+    def _where(self, condition, a, b):
+        """``torch.where(condition, a, b)`` with a view on one side: the view times the
+        condition (or its negation), as an elementwise scale by a mask, plus a constant."""
+        if not isinstance(condition, Tensor) or id(condition) in self.views:
+            raise Unsupported("where on a parameter")
+        tensors = [t for t in (a, b) if isinstance(t, Tensor)]
+        viewed = [t for t in tensors if id(t) in self.views]
+        if len(viewed) != 1:
+            raise Unsupported("where between two views")
+        v_t = viewed[0]
+        mask = (condition if v_t is a else ~condition).to(v_t.dtype)
+        y = torch.where(condition, a, b)
+        if y.shape != torch.broadcast_shapes(mask.shape, v_t.shape):
+            raise Unsupported("where broadcast by its other operand")
+        view = self.views[id(v_t)]
+        x_l, v_l, y_l, x_sq, v_sq = broadcast_letters(mask.shape, v_t.shape)
+        index = squeezed(view.index, v_sq)
+        return self._record(y, [(view, "dense", squeezed(mask, x_sq), x_l, index, v_l, y_l, 1)])
+
+    def _attention_mask(self, args, kwargs):
+        """``F.scaled_dot_product_attention`` with a view as its additive ``attn_mask``: the
+        mask added to zeros of the scores' shape first, as the attention adds it to them (an
+        operation that holds the points, as the scores do), then the attention as it is."""
+        names = ("query", "key", "value", "attn_mask")
+        query, key, value, mask = _bind(args, kwargs, names)
+        if any(id(t) in self.views for t in (query, key, value)) or mask.dtype == torch.bool:
+            raise Unsupported("attention on a parameter")
+        try:
+            scores = torch.broadcast_shapes(mask.shape, (*query.shape[:-1], key.shape[-2]))
+        except RuntimeError as err:
+            raise Unsupported("a mask that does not broadcast to the scores") from err
+        mask = self._add(mask.new_zeros(scores), mask)
+        rest = {k: v for k, v in kwargs.items() if k not in names}
+        return F.scaled_dot_product_attention(query, key, value, mask, *args[4:], **rest)
+
     def _add(self, a, b, scale=1.0, inplace=None):
         if b is None:
             return a
@@ -416,16 +537,18 @@ class Capture(TorchFunctionMode):
             forms.append((use, factor))
         return forms
 
-    def _commit(self, y, committed, inplace=False):
+    def _commit(self, y, committed, inplace=False, expert_rows=None):
         if not committed:
             return y
         z = len(self.z_shapes)
-        self.z_shapes.append(tuple(y.shape))
+        self.z_shapes.append(tuple(y.shape) if expert_rows is None else committed[0][0].out_shape)
         for use, factor in committed:
             use.z = z
             self.uses.append(use)
             if factor is not None:  # a float32 island's factor in the parameters' dtype
                 self.factors.append(factor.to(self.dtype) if factor.is_floating_point() else factor)
+        if expert_rows is not None:
+            return self._perturbed(y, z, slice(0, expert_rows))
         if self.perturbations is None:
             return y
         if z >= len(self.perturbations) or (
@@ -434,6 +557,15 @@ class Capture(TorchFunctionMode):
             raise ShapeChanged("an operation's output differs from discovery's")
         z = self.perturbations[z].to(y.dtype)  # the operation computes in its own dtype
         return y.add_(z) if inplace else y + z
+
+    def _perturbed(self, y, z: int, rows: slice):
+        """``y``, one expert's output, plus its ``rows`` of the expert operation ``z``'s
+        perturbation."""
+        if self.perturbations is None:
+            return y
+        if z >= len(self.perturbations) or self.perturbations[z].shape[0] < rows.stop:
+            raise ShapeChanged("an expert operation's rows differ from discovery's")
+        return y + self.perturbations[z][rows].to(y.dtype).reshape(y.shape)
 
     def _descend(self, func, args, kwargs):
         """Run ``func``'s body with this mode active (see the module docstring)."""
@@ -449,6 +581,11 @@ def _torch_function_checks_off() -> Iterator[None]:
         yield
     finally:
         F.has_torch_function = original
+
+
+def _is_identity(func, args, kwargs) -> bool:
+    """Whether ``func`` returns its input's values: dropout outside training (eval mode)."""
+    return func is F.dropout and _bind(args, kwargs, ("input", "p", "training"))[2] is False
 
 
 def _is_number(x: object) -> bool:

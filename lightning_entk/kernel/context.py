@@ -15,7 +15,8 @@ points as blocks (:mod:`~lightning_entk.kernel.factors`):
 2. *Capture* (per chunk of points): one batched forward pass with a zero perturbation added
    to each use's output, and backward passes batched over the outputs, give the output
    gradients ``g``; the same pass returns the data factors. Each operation's output holds the
-   points along one dim (:class:`PointsDim`), found on a trial of a few points: the dim whose
+   points along one dim (:class:`~lightning_entk.kernel.layout.PointsDim`, read back per point
+   by :mod:`~lightning_entk.kernel.layout`), found on a trial of a few points: the dim whose
    size grows with the points, and, where it merges them with positions (``x.view(-1, d)``,
    or ``nn.MultiheadAttention``'s (T, N, E) merged as ``view(T * N, E)``), the order read
    from which entries each point's outputs reach. Whatever data-dependent code the model
@@ -28,12 +29,12 @@ points as blocks (:mod:`~lightning_entk.kernel.factors`):
    from the factors must equal autograd's, parameter by parameter, on single points; a
    batched capture that fails falls back to ``vmap``, and a parameter that fails (a use the
    capture did not see) moves to the generic path.
-4. *Assemble* (:func:`block_route`): uses of a parameter with one injective layout become a
-   :class:`~lightning_entk.kernel.factors.FactorBlock` (positions where ``g`` is zero for every
-   point and output are dropped); uses through a layout ``V`` and its transpose (a tied
-   embedding and unembedding) a :class:`~lightning_entk.kernel.factors.TiedBlock`; a
-   parameter with other layouts a column block formed from its factors; generic parameters a
-   column block formed by ``torch.func``.
+4. *Assemble* (:func:`~lightning_entk.kernel.assembly.assemble`): the structured
+   parameters' factors become blocks (a
+   :class:`~lightning_entk.kernel.factors.FactorBlock` per layout, a
+   :class:`~lightning_entk.kernel.factors.TiedBlock` for a tied embedding and unembedding,
+   columns formed from the factors otherwise); generic parameters a column block formed by
+   ``torch.func``.
 """
 
 from __future__ import annotations
@@ -51,10 +52,19 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
+from lightning_entk.kernel.assembly import assemble, column_block, use_factors, use_gradient
 from lightning_entk.kernel.budget import MemoryBudget
 from lightning_entk.kernel.capture import Capture, element_indices
-from lightning_entk.kernel.factors import ColumnBlock, FactorBlock, Jacobian, TiedBlock
+from lightning_entk.kernel.factors import FactorBlock, Jacobian, TiedBlock
 from lightning_entk.kernel.generic import generic_columns, output_gradients
+from lightning_entk.kernel.layout import (
+    PointsDim,
+    batched_shape,
+    candidate_dims,
+    factors_per_point,
+    reads_points,
+    split_points,
+)
 from lightning_entk.kernel.options import (
     KernelOptions,
     NTKMethod,
@@ -226,29 +236,6 @@ class _Forward(nn.Module):
             return call_model(self.model, points)
 
 
-@dataclass(frozen=True)
-class PointsDim:
-    """Where an operation's output holds the points in a batched pass: dim ``dim`` of one
-    point's output, of size ``k``, has ``k n`` entries for ``n`` points, laid out as
-    ``(before, n, k // before)``. ``before = 1`` is point-major (the points along dim 0, or
-    merged with the positions as ``x.view(-1, d)`` does); ``before = k`` point-minor, as in
-    ``nn.MultiheadAttention``'s (T, N, E) layout merged by ``view(T * N, E)``."""
-
-    dim: int
-    before: int = 1
-
-    def batched_shape(self, shape: tuple[int, ...], n: int) -> tuple[int, ...]:
-        d = self.dim
-        return (*shape[:d], shape[d] * n, *shape[d + 1 :])
-
-    def split(self, t: Tensor, shape: tuple[int, ...], n: int) -> Tensor:
-        """``t`` (R, *batched shape) as (n, R, prod(shape)): each point's entries, in the
-        order of one point's output."""
-        d = self.dim
-        parts = t.unflatten(1 + d, (self.before, n, shape[d] // self.before))
-        return parts.movedim(2 + d, 0).reshape(n, t.shape[0], -1)
-
-
 class CaptureRoute(str, enum.Enum):
     """How the output gradients of a chunk of points are captured (:meth:`NTKContext.structure`
     picks one; a later failure falls back to the next, with the reason kept)."""
@@ -271,6 +258,7 @@ class Structure:
     capture_reason: str = ""
     points: list[PointsDim | None] = field(default_factory=list)  # per operation, None: shared
     checked: bool = False  # the capture passed :meth:`NTKContext._check` already
+    fixed_lookups: frozenset = frozenset()  # lookups taken as views (a shared bias's table)
     precision: torch.dtype | None = None  # the least precise dtype the forward computes in
     trial_points: int = 0  # points of the trial that chose the capture route
     trial_seconds: float = 0.0  # the trial's capture by that route
@@ -383,15 +371,20 @@ class NTKContext:
         return {f"model.{k}": v for k, v in {**self.params, **self.buffers}.items()}
 
     def _capture(
-        self, names: Iterable[str], perturbations: tuple | None = None, same_shapes=False
+        self,
+        names: Iterable[str],
+        perturbations: tuple | None = None,
+        same_shapes=False,
+        fixed: frozenset = frozenset(),
     ) -> Capture:
-        """A capture watching the parameters ``names``; their element indices made once."""
+        """A capture watching the parameters ``names``, the lookups ``fixed`` taken as views;
+        their element indices made once."""
         indices = self.discovery.indices
         for name in names:
             if name not in indices:
                 indices[name] = element_indices(self.params[name])
         watched = {name: self.params[name] for name in names}
-        return Capture(watched, perturbations, indices, same_shapes)
+        return Capture(watched, perturbations, indices, same_shapes, fixed)
 
     def _call_model(self, call, x: Points):
         """``call()``, a forward pass of points of ``x``; a failure of the model itself is a
@@ -453,7 +446,8 @@ class NTKContext:
         under ``vmap``, else (``vmap`` cannot batch the model) one point at a time. The trial
         is checked whatever the route, so that a parameter that fails the check (a use the
         capture did not see) moves to the generic path here, where :func:`ntk_plan` sees it,
-        and the batched pass is tried again without it."""
+        and the batched pass is tried again without it. A batched pass that fails on a shared
+        lookup is tried again with it taken as a view (:meth:`_lookups_as_views`)."""
         found.trial_points = num_points(sample)
         aligned = self._batch_aligned(found, sample)
         if aligned is True:
@@ -462,13 +456,16 @@ class NTKContext:
                 start = time.perf_counter()
                 grads, factors = self._batched_chunk(found, watched, sample)
                 found.trial_seconds = time.perf_counter() - start
-                per_use = _use_factors(found.uses, grads, factors)
+                per_use = use_factors(found.uses, grads, factors)
                 if not self._check(found, per_use, sample):
                     found.checked = True  # on the points the first chunk starts with
                     return
                 aligned = "a batched pass did not match autograd on single points"
             except RuntimeError as err:  # a shared output that cannot take a point dim
                 aligned = f"a batched pass failed: {_brief(err)}"
+        if aligned.startswith("a batched pass failed") and self._lookups_as_views(found, sample):
+            self._choose_capture(found, sample)
+            return
         retry = found.capture == CaptureRoute.BATCHED and aligned.startswith("a batched pass")
         reason = found.capture_reason
         found.fall_back(CaptureRoute.VMAP, aligned)
@@ -482,13 +479,41 @@ class NTKContext:
             found.drop(dict.fromkeys(found.structured, f"operations differ by point: {err}"))
             return
         found.trial_seconds = time.perf_counter() - start
-        failed = self._check(found, _use_factors(found.uses, grads, factors), sample)
+        failed = self._check(found, use_factors(found.uses, grads, factors), sample)
         found.checked = True
         if failed:
             found.drop(failed)
             if found.uses and retry:  # the batched pass may have failed on those alone
                 found.capture, found.capture_reason = CaptureRoute.BATCHED, reason
                 self._choose_capture(found, sample)
+
+    def _lookups_as_views(self, found: Structure, sample: Points) -> bool:
+        """Whether the structure was found again with the lookups whose output every point
+        shares (ids made from positions alone: T5's and Swin's relative-position bias) taken
+        as views of their tables, every parameter still structured. A shared output that the
+        model reshapes into the heads cannot take a points dim; as a view, the table enters
+        the operation where it meets the points (the scores it is added to), which holds them."""
+        if found.fixed_lookups or len(found.points) != len(found.z_shapes):
+            return False
+        shared = {z for z, points in enumerate(found.points) if points is None}
+        one = take(sample, slice(0, 1))
+        try:
+            capture = self._capture(found.structured)
+            with torch.no_grad():
+                self.forward(self.params, one, capture)
+            fixed = frozenset(key for key, z in capture.lookups if z in shared)
+            if not fixed:
+                return False
+            capture = self._capture(found.structured, fixed=fixed)
+            with torch.no_grad():
+                self.forward(self.params, one, capture)
+        except Exception:  # the capture cannot run the model so: the shared outputs stay
+            return False
+        if capture.opaque or {u.param for u in capture.uses} != set(found.structured):
+            return False
+        found.uses, found.z_shapes, found.points = capture.uses, capture.z_shapes, []
+        found.fixed_lookups = fixed
+        return True
 
     def _batch_aligned(self, found: Structure, x: Points) -> bool | str:
         """Whether each operation's output holds the points along one dim (alone, or merged
@@ -505,7 +530,7 @@ class NTKContext:
         if n == 1:  # one point: any layout reads it
             found.points = [PointsDim(0)] * len(found.z_shapes)
             return True
-        capture = self._capture(found.structured)
+        capture = self._capture(found.structured, fixed=found.fixed_lookups)
         try:
             with torch.no_grad():
                 self.forward(self.params, x, capture)
@@ -513,18 +538,12 @@ class NTKContext:
             return f"a pass over several points failed: {err}"
         if len(capture.z_shapes) != len(found.z_shapes):
             return "the operations on several points differ from those on one"
-        candidates = []
-        for one, many in zip(found.z_shapes, capture.z_shapes, strict=True):
-            if many == one:
-                candidates.append([None])
-                continue
-            same_rank = len(one) == len(many)
-            grown = [d for d in range(len(one)) if one[d] != many[d]] if same_rank else []
-            if len(grown) != 1 or many[grown[0]] != n * one[grown[0]]:
-                return "an operation mixes the points with other dims"
-            k = one[grown[0]]
-            befores = dict.fromkeys([1, k, *(b for b in range(2, k) if k % b == 0)])
-            candidates.append([PointsDim(grown[0], b) for b in befores])
+        candidates = [
+            candidate_dims(one, many, n)
+            for one, many in zip(found.z_shapes, capture.z_shapes, strict=True)
+        ]
+        if None in candidates:
+            return "an operation mixes the points with other dims"
         found.points = [options[0] for options in candidates]
         ambiguous = [z for z, options in enumerate(candidates) if len(options) > 1]
         if ambiguous:
@@ -533,7 +552,7 @@ class NTKContext:
             except RuntimeError as err:  # a shared output that cannot take a points dim
                 return f"a batched pass failed: {_brief(err)}"
             for z, grad in zip(ambiguous, support, strict=True):
-                fits = [p for p in candidates[z] if _reads_points(p, grad, found.z_shapes[z])]
+                fits = [p for p in candidates[z] if reads_points(p, grad, found.z_shapes[z])]
                 if not fits:
                     return "an operation mixes the points with other dims"
                 found.points[z] = fits[0]
@@ -546,12 +565,13 @@ class NTKContext:
         watched = {name: self.params[name] for name in found.structured}
         like = next(iter(watched.values()))
         zs = tuple(
-            like.new_zeros(_batched_shape(s, p, n)).requires_grad_()
+            like.new_zeros(batched_shape(s, p, n)).requires_grad_()
             for s, p in zip(found.z_shapes, found.points, strict=True)
         )
         generator = torch.Generator(device="cpu").manual_seed(0)
         with torch.enable_grad():
-            out = self.forward(self.params, x, self._capture(watched, zs))
+            capture = self._capture(watched, zs, fixed=found.fixed_lookups)
+            out = self.forward(self.params, x, capture)
             v = torch.randn(out.shape[1], generator=generator, dtype=out.dtype).to(out.device)
             return output_gradients((out @ v)[None], [zs[z] for z in ops])
 
@@ -577,7 +597,7 @@ class NTKContext:
                 structure.fall_back(CaptureRoute.VMAP, f"a batched pass failed: {_brief(err)}")
 
         def per_point(zs: tuple, point: Points) -> tuple[Tensor, tuple]:
-            capture = self._capture(watched, zs)
+            capture = self._capture(watched, zs, fixed=structure.fixed_lookups)
             out = self.forward(self.params, tree_map(lambda t: t.unsqueeze(0), point), capture)
             return out[0], tuple(capture.factors)
 
@@ -609,13 +629,13 @@ class NTKContext:
         """
         like = next(iter(watched.values()))
         zs = [like.new_zeros(*s).requires_grad_() for s in structure.z_shapes]
-        capture = self._capture(watched, tuple(zs), same_shapes=True)
+        capture = self._capture(watched, tuple(zs), True, structure.fixed_lookups)
         try:
             with torch.enable_grad():
                 out = self.forward(self.params, point, capture)
         except RuntimeError as err:  # ShapeChanged included
             raise PointMismatch(_brief(err)) from err
-        if len(capture.uses) != len(structure.uses):
+        if len(capture.uses) != len(structure.uses) or capture.z_shapes != structure.z_shapes:
             raise PointMismatch("the operations differ from point to point")
         try:
             with torch.enable_grad():
@@ -629,34 +649,23 @@ class NTKContext:
         n = num_points(chunk)
         like = next(iter(watched.values()))
         zs = tuple(
-            like.new_zeros(*_batched_shape(s, p, n)).requires_grad_()
+            like.new_zeros(*batched_shape(s, p, n)).requires_grad_()
             for s, p in zip(structure.z_shapes, structure.points, strict=True)
         )
-        capture = self._capture(watched, zs)
+        capture = self._capture(watched, zs, fixed=structure.fixed_lookups)
         with torch.enable_grad():
             out = self.forward(self.params, chunk, capture)
             grads = output_gradients(out, list(zs))
         if len(capture.uses) != len(structure.uses):
             raise RuntimeError("the operations of a batched pass differ from those of discovery")
         grads = [
-            _split_points(g, s, p, n)
+            split_points(g, s, p, n)
             for g, s, p in zip(grads, structure.z_shapes, structure.points, strict=True)
         ]
-        factors = iter(capture.factors)
-        per_point = []
-        for one, many in zip(structure.uses, capture.uses, strict=True):
-            if one.kind == "ones":
-                continue
-            factor = next(factors).detach()
-            points = structure.points[one.z]
-            if points is None:  # a shared output: the same factor for every point
-                per_point.append(factor.expand(n, *factor.shape))
-            elif _point_major(one, points, structure.z_shapes[one.z]):
-                per_point.append(factor.reshape(n, -1, *factor.shape[1:]))
-            else:
-                shape = structure.z_shapes[one.z]
-                per_point.append(factor[_position_order(one, many, shape, points, n)])
-        return grads, per_point
+        factors = factors_per_point(
+            structure.uses, capture.uses, capture.factors, structure.points, structure.z_shapes, n
+        )
+        return grads, factors
 
     def jacobian(self, x: Points) -> Jacobian:
         """The Jacobian on all points ``x`` as blocks (see the module docstring)."""
@@ -670,7 +679,8 @@ class NTKContext:
             uses = structure.uses
         else:
             c = self.num_outputs()
-        blocks, owners = self._assemble(uses, parts, n, c)
+        sizes = {name: self.params[name].numel() for name in structure.structured}
+        blocks, owners = assemble(uses, parts, n, c, sizes, self.budget, self.group_of)
         for block in blocks:  # the capture's share of the budget, free again by now
             if isinstance(block, FactorBlock | TiedBlock):
                 block.scratch_bytes = self.budget.piece
@@ -681,7 +691,7 @@ class NTKContext:
             columns, size = generic_columns(
                 names, self.params, self.forward_one, x, c, self.budget.piece
             )
-            blocks.append(self._column_block(columns, size, n, c))
+            blocks.append(column_block(columns, size, n, c, self.dtype, self.budget))
             owners.append(names[0])
         groups = [group[m] for m in owners] if self.group_of else None
         structure.checked = True  # the first chunk passed: later calls need not check again
@@ -696,10 +706,6 @@ class NTKContext:
                 out = self._call_model(lambda: self.forward(self.params, one), one)
             self.discovery.num_outputs = out.shape[1]
         return self.discovery.num_outputs
-
-    def _column_block(self, columns, size: int, n: int, c: int) -> ColumnBlock:
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
-        return ColumnBlock(columns, size, n, c, itemsize, self.budget.piece)
 
     def _factor_parts(self, structure: Structure, x: Points):
         """Per use, its factors ``g`` (N, T, C, H, B) and ``a`` for all points, chunk by
@@ -716,7 +722,7 @@ class NTKContext:
                     dict.fromkeys(structure.structured, f"operations differ by point: {err}")
                 )
                 return [], self.num_outputs()
-            per_use = _use_factors(structure.uses, grads, factors)
+            per_use = use_factors(structure.uses, grads, factors)
             if start == 0:
                 failed = {} if structure.checked else self._check(structure, per_use, chunk)
                 if failed and structure.capture == CaptureRoute.BATCHED:
@@ -772,7 +778,7 @@ class NTKContext:
                 true = torch.autograd.grad(out, [leaves[k] for k in names], v, allow_unused=True)
             rebuilt = {k: self.params[k].new_zeros(self.params[k].numel()) for k in names}
             for use, (g, a) in zip(uses, per_use, strict=True):
-                grad = _use_gradient(use, g[i : i + 1], None if a is None else a[i : i + 1], v)
+                grad = use_gradient(use, g[i : i + 1], None if a is None else a[i : i + 1], v)
                 rebuilt[use.param].index_add_(0, use.layout.reshape(-1), grad.reshape(-1))
             for name, t in zip(names, true, strict=True):
                 t = torch.zeros_like(rebuilt[name]) if t is None else t.reshape(-1)
@@ -781,86 +787,10 @@ class NTKContext:
                     failed[name] = "a use the capture did not see"
         return failed
 
-    # ---------------------------------------------------------------------------------------
-    # Assembly.
-
-    def _assemble(self, uses: list[Use], parts, n: int, c: int) -> tuple[list, list[str]]:
-        """Blocks, and the first parameter of each, by :func:`block_route`. Parameters used
-        once each in one operation with the same outputs (a weight and its bias) share one
-        block: one output Gram."""
-        by_param: dict[str, list[int]] = {}
-        for i, use in enumerate(uses):
-            by_param.setdefault(use.param, []).append(i)
-        route = {name: block_route([uses[i] for i in idx]) for name, idx in by_param.items()}
-        group = self.group_of or {}
-        sharing: dict[tuple, list[str]] = {}
-        for name, idx in by_param.items():
-            use = uses[idx[0]]
-            if len(idx) == 1 and use.kind != "tokens" and route[name] == "structured":
-                key = (use.z, use.out_perm, use.heads, use.outputs, use.scale, group.get(name))
-                sharing.setdefault(key, []).append(name)
-        shared_with = {name: names for names in sharing.values() for name in names}
-        blocks, owners, done = [], [], set()
-        for name, idx in by_param.items():
-            if name in done:
-                continue
-            owners.append(name)
-            names = shared_with.get(name, [name])
-            mine, factors = [uses[i] for i in idx], [parts[i] for i in idx]
-            if len(names) > 1:
-                chosen = [by_param[m][0] for m in names]
-                blocks.append(_factor_block([uses[i] for i in chosen], [parts[i] for i in chosen]))
-                done.update(names)
-            elif route[name] == "structured":
-                blocks.append(_factor_block(mine, factors))
-            elif route[name] == "tied":
-                flipped = transposed_uses(mine)
-                straight, transposed = (
-                    _factor_block(
-                        [u for u, f in zip(mine, flipped, strict=True) if f == side],
-                        [p for p, f in zip(factors, flipped, strict=True) if f == side],
-                    )
-                    for side in (False, True)
-                )
-                blocks.append(TiedBlock(straight, transposed))
-            else:
-                columns = _columns_from_factors(mine, factors, n, c, self.budget.column_piece)
-                blocks.append(self._column_block(columns, self.params[name].numel(), n, c))
-        return blocks, owners
-
 
 class PointMismatch(Exception):
     """A point whose operations differ from those discovery saw (data-dependent routing, as
     in a mixture of experts): its structured parameters take the generic path."""
-
-
-def block_route(uses: list[Use]) -> str:
-    """How the uses of one parameter become a block of the Jacobian: ``"structured"`` (one
-    layout, no entry twice: a :class:`~lightning_entk.kernel.factors.FactorBlock`), ``"tied"``
-    (such a layout ``V`` and its transpose ``V^T``: a
-    :class:`~lightning_entk.kernel.factors.TiedBlock`) or ``"columns"`` (any other set of
-    layouts: Jacobian columns formed from the factors)."""
-    if torch.bincount(uses[0].layout.reshape(-1)).max() > 1:  # an entry used twice in a view
-        return "columns"
-    flipped = transposed_uses(uses)
-    if flipped is None:
-        return "columns"
-    return "tied" if any(flipped) else "structured"
-
-
-def transposed_uses(uses: list[Use]) -> list[bool] | None:
-    """Per use, whether its layout is the first use's ``V`` (False) or ``V^T`` per head (True);
-    ``None`` when some use has another layout."""
-    first = uses[0].layout
-    flipped = []
-    for use in uses:
-        for candidate, is_flipped in ((first, False), (first.transpose(1, 2), True)):
-            if use.layout.shape == candidate.shape and torch.equal(use.layout, candidate):
-                flipped.append(is_flipped)
-                break
-        else:
-            return None
-    return flipped
 
 
 def _brief(err: Exception) -> str:
@@ -869,167 +799,6 @@ def _brief(err: Exception) -> str:
     return first.split(". ")[0]
 
 
-def _batched_shape(shape: tuple[int, ...], points: PointsDim | None, n: int) -> tuple[int, ...]:
-    """The shape of an operation's perturbation for ``n`` points in one batched pass: as
-    ``points`` says, or, for an output shared by all points, a points dim in place of a
-    leading 1 (or in front), as broadcasting would put it."""
-    if points is not None:
-        return points.batched_shape(shape, n)
-    return (n, *shape[1:]) if shape[:1] == (1,) else (n, *shape)
-
-
-def _split_points(t: Tensor, shape: tuple[int, ...], points: PointsDim | None, n: int) -> Tensor:
-    """``t`` (R, *batched shape) as (n, R, prod(shape)) (see :meth:`PointsDim.split`)."""
-    if points is None:
-        return t.reshape(t.shape[0], n, -1).transpose(0, 1)
-    return points.split(t, shape, n)
-
-
-def _reads_points(points: PointsDim, grad: Tensor, shape: tuple[int, ...]) -> bool:
-    """Whether, read with ``points``, the gradients ``grad`` (n, *batched shape) of each
-    point's outputs fall on that point's own entries only (up to round-off). Gradients that
-    are zero everywhere say nothing, and any reading fits them."""
-    n = grad.shape[0]
-    by_point = points.split(grad.abs(), shape, n).sum(dim=2)  # (entries' point, output's point)
-    total = by_point.sum()
-    return bool(total - by_point.diagonal().sum() <= 64 * torch.finfo(grad.dtype).eps * total)
-
-
-def _point_major(use: Use, points: PointsDim, shape: tuple[int, ...]) -> bool:
-    """Whether the use's positions in a batched pass are its points', one after the other:
-    the points lead their dim and no position dim comes before it."""
-    if points.before != 1:
-        return False
-    if points.dim == 0:
-        return True
-    positions = use.out_perm[: use.position_dims]
-    return use.out_shape == shape and all(d > points.dim for d in positions if d != points.dim)
-
-
-def _position_order(
-    one: Use, many: Use, shape: tuple[int, ...], points: PointsDim, n: int
-) -> Tensor:
-    """(n, T): for each point, the index of each of its positions (in the order of one point's
-    use ``one``, whose operation's output has ``shape``) among the positions of the batched
-    pass's use ``many``."""
-    size = math.prod(many.out_shape)
-    entries = torch.arange(size, device=many.layout.device)
-    batched = entries.reshape(1, *points.batched_shape(shape, n))
-    mine = points.split(batched, shape, n)[:, 0]  # (n, one point's entries)
-    mine = _first_entry_of_positions(mine.reshape(n, *one.out_shape), one)
-    theirs = _first_entry_of_positions(entries.reshape(1, *many.out_shape), many)[0]
-    where = torch.full((size,), -1, dtype=torch.long, device=entries.device)
-    where[theirs] = torch.arange(len(theirs), device=entries.device)
-    order = where[mine]
-    if (order < 0).any():
-        raise RuntimeError("a use's positions do not follow its output's points")
-    return order
-
-
-def _first_entry_of_positions(entries: Tensor, use: Use) -> Tensor:
-    """(n, T): of ``entries`` (n, *out_shape), the entry at each position's first head and
-    output, positions in the use's order."""
-    order = [1 + d for d in use.out_perm]
-    return entries.permute(0, *order).reshape(entries.shape[0], use.positions, -1)[:, :, 0]
-
-
 def _empty_like(t: Tensor | None, n: int) -> Tensor | None:
     """An uninitialised array like ``t`` with ``n`` points along dim 0."""
     return None if t is None else t.new_empty(n, *t.shape[1:])
-
-
-def _use_factors(uses: list[Use], grads: list[Tensor], factors: list[Tensor]):
-    """Per use, ``g`` (n, T, C, H, B) scaled by the use's number, and its factor: ``a``
-    (n, T, H, A), token ids (n, T), or None for a shift."""
-    out = []
-    factors = iter(factors)
-    made: dict[tuple, Tensor] = {}  # uses reading one output the same way share one ``g``
-    for use in uses:
-        key = (use.z, use.out_shape, use.out_perm, use.position_dims, use.heads, use.scale)
-        if key not in made:
-            g = grads[use.z]
-            n, c = g.shape[:2]
-            g = g.reshape(n, c, *use.out_shape)
-            p = use.position_dims
-            order = [2 + d for d in use.out_perm]
-            g = g.permute(0, *order[:p], 1, *order[p:])
-            g = g.reshape(n, use.positions, c, use.heads, use.outputs)
-            made[key] = g if use.scale == 1 else g * use.scale
-        a = None if use.kind == "ones" else next(factors)
-        out.append((made[key], a))
-    return out
-
-
-def _dense_factor(use: Use, g: Tensor, a: Tensor | None) -> Tensor:
-    """The factor ``a`` of a use as a dense (n, T, H, A) array."""
-    return FactorBlock(g, a if use.kind == "dense" else None,
-                       a if use.kind == "tokens" else None, use.inputs)._a()  # fmt: skip
-
-
-def _use_gradient(use: Use, g: Tensor, a: Tensor | None, v: Tensor) -> Tensor:
-    """``sum_n v[n, c] J_use[n, c]`` in the use's (H, B, A) layout."""
-    return torch.einsum("ntchb,nc,ntha->hba", g, v, _dense_factor(use, g, a))
-
-
-def _factor_block(uses: list[Use], parts: list[tuple[Tensor, Tensor | None]]) -> FactorBlock:
-    """Uses as one block, positions where ``g`` is zero for every point and output dropped:
-    uses of one parameter with one layout, their positions concatenated; or uses of several
-    parameters on the same output (a weight and its bias), their inputs concatenated."""
-
-    def dense() -> list[Tensor]:
-        return [_dense_factor(u, gp, ap) for u, (gp, ap) in zip(uses, parts, strict=True)]
-
-    if len({u.param for u in uses}) > 1:
-        a = torch.cat(dense(), dim=-1)
-        return _live_positions(FactorBlock(parts[0][0], a=a, inputs=a.shape[-1]))
-    kinds = {u.kind for u in uses}
-    g = parts[0][0] if len(parts) == 1 else torch.cat([g for g, _ in parts], dim=1)
-    if kinds == {"ones"}:
-        block = FactorBlock(g, inputs=1)
-    elif kinds == {"tokens"}:
-        tokens = torch.cat([a for _, a in parts], dim=1)
-        block = FactorBlock(g, tokens=tokens, inputs=uses[0].inputs)
-    else:
-        block = FactorBlock(g, a=torch.cat(dense(), dim=1), inputs=uses[0].inputs)
-    return _live_positions(block)
-
-
-def _live_positions(block: FactorBlock) -> FactorBlock:
-    """The block without the positions where ``g`` is zero for every point and output."""
-    g = block.g
-    if g.shape[1] == 1:  # one position: nothing to drop
-        return block
-    live = g.reshape(g.shape[0], g.shape[1], -1).ne(0).any(dim=2).any(dim=0)
-    if live.all() or not live.any():
-        return block
-    return FactorBlock(
-        g[:, live],
-        None if block.a is None else block.a[:, live],
-        None if block.tokens is None else block.tokens[:, live],
-        block.inputs,
-    )
-
-
-def _columns_from_factors(uses: list[Use], parts, n: int, c: int, budget: int):
-    """``columns(lo, hi)`` of a parameter's per-example Jacobian, summed over its uses: each
-    use's Jacobian is formed from its factors for a chunk of points at a time (at most
-    ``budget`` bytes), and its entries that fall in ``lo:hi`` are added in."""
-
-    def columns(lo: int, hi: int) -> Tensor:
-        out = parts[0][0].new_zeros(n, c, hi - lo)
-        for use, (g, a) in zip(uses, parts, strict=True):
-            flat = use.layout.reshape(-1)
-            keep = ((flat >= lo) & (flat < hi)).nonzero().flatten()
-            if keep.numel() == 0:
-                continue
-            step = max(1, budget // max(c * flat.numel() * g.element_size(), 1))
-            for start in range(0, n, step):
-                part = slice(start, start + step)
-                block = FactorBlock(
-                    g[part], a[part] if use.kind == "dense" else None,
-                    a[part] if use.kind == "tokens" else None, use.inputs,
-                )  # fmt: skip
-                out[part].index_add_(2, flat[keep] - lo, block.materialized()[:, :, keep])
-        return out
-
-    return columns

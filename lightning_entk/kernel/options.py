@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lightning_entk.checks import check_int
 from lightning_entk.kernel.budget import DEFAULT_MEMORY_BUDGET
 from lightning_entk.kernel.points import ForwardFn, OutputFn
 
@@ -137,9 +138,7 @@ class KernelOptions:
         _check_groups(self.groups)
         _check_projections(self.output_projections, self.projection_seed)
         for name in ("batch_size", "memory_budget"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+            check_int(name, getattr(self, name), words="a positive int")
         weights = None if self.output_weights is None else torch.as_tensor(self.output_weights)
         if weights is not None and weights.ndim != 1:
             raise ValueError(f"`output_weights` must have shape (C,), got {tuple(weights.shape)}.")
@@ -203,8 +202,7 @@ def _check_projections(output_projections: object, projection_seed: object) -> N
             "`output_projections` must be None, a positive int (the number of random "
             f"projections) or a (C, s) tensor, got {output_projections!r}."
         )
-    if not isinstance(projection_seed, int) or isinstance(projection_seed, bool):
-        raise ValueError(f"`projection_seed` must be an int, got {projection_seed!r}.")
+    check_int("projection_seed", projection_seed, None)
 
 
 def _check_groups(groups: Groups) -> None:

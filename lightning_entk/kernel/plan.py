@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lightning_entk.kernel.context import CaptureRoute, block_route, ntk_context, transposed_uses
+from lightning_entk.kernel.assembly import block_route, transposed_uses
+from lightning_entk.kernel.context import CaptureRoute, ntk_context
 from lightning_entk.kernel.factors import dense_flops, gram_flops, tied_flops
 from lightning_entk.kernel.options import KernelOptions
 from lightning_entk.kernel.points import Points, num_points

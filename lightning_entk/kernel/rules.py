@@ -20,15 +20,20 @@ layout and its transpose (a tied embedding ``W[ids]`` and unembedding ``h @ W.T`
 terms of the same form, each Gram pairing one use's output gradients with the other's inputs.
 
 Covered (the parameter may enter through any chain of views: transpose, permute, reshape,
-slice, select, chunk, split, expand, casts, scaling by a number, and adding a number, as in
-Gemma's ``x * (1 + weight)``: the derivative is the view's whatever the offset):
+slice, select, chunk, split, expand, casts, dropout outside training, scaling by a number,
+and adding a number, as in Gemma's ``x * (1 + weight)``: the derivative is the view's
+whatever the offset):
 
     ``F.linear``, ``@``/``matmul``/``mm``/``bmm``, ``addmm``/``baddbmm`` (weight on either side,
     any broadcast of batch dims), ``einsum`` with two operands, ``F.embedding`` and ``W[ids]``,
     ``conv1d``/``conv2d`` (any stride, padding, dilation, groups, given by keyword or left
     out; ``padding="valid"``), elementwise ``*`` and
     ``+``/``-`` with broadcasting (gains, biases, positional parameters), and the affine parts
-    of ``layer_norm``, ``rms_norm``, ``group_norm`` and ``batch_norm``.
+    of ``layer_norm``, ``rms_norm``, ``group_norm`` and ``batch_norm``; ``F.linear(x, W[e])``
+    with ``W`` (E, O, I) a parameter of experts and ``e`` a 0-d tensor (see
+    :mod:`~lightning_entk.kernel.capture`); ``torch.where(mask, V, other)`` (a scale by the
+    mask); a view as the additive ``attn_mask`` of ``scaled_dot_product_attention`` (added
+    to zeros of the scores' shape first).
 
 Not covered, so the parameter takes the generic path: a parameter entering any other
 operation (``exp``, a division by it, ``F.prelu``, ``max_norm`` embeddings, string padding of

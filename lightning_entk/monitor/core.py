@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_entk import keys, plots
+from lightning_entk.checks import check_int
 from lightning_entk.distributed import combine_shares, failed_share, kernel_share
 from lightning_entk.early_warning import EarlyWarning, EvaluationRecord, PhaseTransition
 from lightning_entk.evaluation import Evaluation, evaluate, probe_within_budget
@@ -754,12 +755,8 @@ def check_monitor_options(
             )
     if on_transition is not None and not callable(on_transition):
         raise ValueError(f"`on_transition` must be callable, got {type(on_transition).__name__}.")
-    value = image_every_n_evaluations
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"`image_every_n_evaluations` must be an int >= 0, got {value!r}.")
-    value = max_probe_points
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`max_probe_points` must be a positive int, got {value!r}.")
+    check_int("image_every_n_evaluations", image_every_n_evaluations, 0)
+    check_int("max_probe_points", max_probe_points, words="a positive int")
 
 
 def make_schedule(

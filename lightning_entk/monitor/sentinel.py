@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_entk import keys
+from lightning_entk.checks import check_number
 from lightning_entk.kernel import KernelOptions, ParamSelection, empirical_ntk
 from lightning_entk.kernel.context import num_outputs
 from lightning_entk.kernel.options import automatic_groups, select_parameters
@@ -79,8 +80,7 @@ class Sentinel:
     """
 
     def __init__(self, readout: ParamSelection = None, share: float = DEFAULT_SHARE) -> None:
-        if isinstance(share, bool) or not isinstance(share, int | float) or not 0 < share <= 1:
-            raise ValueError(f"`share` must be a number in (0, 1], got {share!r}.")
+        check_number("share", share, 0, 1, "(]")
         self.readout = readout
         self.share = float(share)
         self.group: str | None = None  # the readout's name, once set up
