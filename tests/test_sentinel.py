@@ -101,27 +101,45 @@ def test_sentinel_reads_every_epoch_while_within_its_share_and_less_often_beyond
     assert gaps == {3}  # 0.3 s over 10% of a second
 
 
-def test_sentinel_reads_about_eleven_times_each_time_the_run_doubles():
-    """A reading dear against a step (here 50 steps' worth at a 5% share: a gap of 1,000 steps
-    by the share alone) still comes within a sixteenth of the steps so far."""
+def read_every_step_of(cost: float, steps: int) -> tuple[list[int], Clock]:
+    """The steps a default sentinel reads at when a reading costs ``cost`` steps of 0.01 s."""
     now = [0.0]
     clock = Clock(lambda: now[0])
     clock.start()
     sentinel = Sentinel()
     sentinel.off_reason = None
-    steps = []
-    for step in range(1, 801):
+    read = []
+    for step in range(1, steps + 1):
         now[0] += 0.01  # one step, one epoch
         if sentinel.due(step):
-            steps.append(step)
+            read.append(step)
             with clock.charge("sentinel"):
-                now[0] += 0.5
+                now[0] += cost * 0.01
             sentinel.epoch_ended(step)
-            sentinel.schedule_next(step, 0.5, clock)
+            sentinel.schedule_next(step, cost * 0.01, clock)
+    return read, clock
+
+
+def test_sentinel_reads_about_eleven_times_each_time_the_run_doubles():
+    """A reading dear against a step (here 5 steps' worth at a 5% share: a gap of 100 steps by
+    the share alone) still comes within a sixteenth of the steps so far."""
+    steps, _ = read_every_step_of(5, 800)
     for a, b in itertools.pairwise(steps):
-        assert b - a <= max(1, a // 16)
-    assert steps[-1] > 700
+        assert b - a <= max(a // 16, 21)  # 20-21: 5 steps over the ceiling's 25%, as floats round
+    assert [b - a for a, b in itertools.pairwise(steps) if a >= 352] == [
+        max(1, a // 16) for a in steps[:-1] if a >= 352
+    ]
+    assert steps[-1] > 750
     assert 10 <= len([s for s in steps if 400 < s <= 800]) <= 12  # 16 ln 2 a doubling
+
+
+def test_sentinel_never_takes_more_than_a_quarter_of_the_training_time():
+    """A reading of 50 steps' worth (a tied unembedding's kernel, a backward pass through the
+    whole network) would be 3 times the training under the sixteenth's bound alone."""
+    steps, clock = read_every_step_of(50, 2000)
+    gaps = {b - a for a, b in itertools.pairwise(steps[1:])}
+    assert gaps <= {200, 201}  # 0.5 s over 25% of 0.01 s, as floats round
+    assert clock.spent["sentinel"] <= 0.25 * clock.training_seconds() + 0.5
 
 
 def test_sentinel_long_epochs_read_a_few_times_an_epoch():

@@ -16,9 +16,11 @@ It runs at every epoch's end (and every few steps of a long epoch), as often as 
 of the training time allows (``share``, 5% by default): after each reading the gap to the
 next is the reading's cost over ``share`` times the training seconds per step, at most a
 sixteenth of the steps so far (so that a signal is never read later than 1/16 of the way past
-the step at which it changed: about eleven readings (16 ln 2) each time the run doubles in length,
-however dear a reading is against a step), at least one step, and at least a tenth of an
-epoch's steps.
+the step at which it changed: about eleven readings (16 ln 2) each time the run doubles in length),
+unless that would take the readings past a quarter of the training time (``MAX_SHARE``: on a
+model whose readout is dear, a tied unembedding whose kernel needs a backward pass through the
+whole network, the bound alone made them 4.5 times the training), at least one step, and at
+least a tenth of an epoch's steps.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from lightning_entk.signals import MIN_DEBIASED_POINTS, debiased_alignment
 DEFAULT_SHARE = 0.05  # of the training time, at most: half the default time budget
 READINGS_PER_EPOCH = 10  # at most, on long epochs
 MAX_GAP_SHARE = 1 / 16  # of the steps so far: the longest gap between readings
+MAX_SHARE = 0.25  # of the training time: the readings' ceiling, above the gap's bound
 MAX_POINTS = 256  # held-out points read (a seeded subset of more)
 TRAIN_POINTS = 128  # training points read: their alignment is large, so fewer do
 MAX_OUTPUTS = 64  # more outputs (a language model's vocabulary): estimated from projections
@@ -179,11 +182,13 @@ class Sentinel:
             state["costs"] = [*state["costs"][-2:], cost]
         trained = clock.training_seconds()
         gap = 1
+        least = 1  # the gap at the ceiling
         if state["costs"] and trained > 0 and step > 0:
             per_step = trained / step
             expected = statistics.median(state["costs"])
             gap = max(gap, math.ceil(expected / (self.share * per_step)))
-        gap = min(gap, max(1, math.floor(MAX_GAP_SHARE * step)))
+            least = math.ceil(expected / (max(self.share, MAX_SHARE) * per_step))
+        gap = max(min(gap, max(1, math.floor(MAX_GAP_SHARE * step))), least)
         if state["steps_per_epoch"]:
             gap = max(gap, math.ceil(state["steps_per_epoch"] / READINGS_PER_EPOCH))
         state["next_step"] = step + gap
