@@ -100,11 +100,13 @@ class Clock:
         self.started: float | None = None
         self.stopped: float | None = None  # the training seconds when training ended
         self.spent: dict[str, float] = {}
+        self.first_step = self.first_epoch = 0  # where this clock started counting
 
-    def start(self) -> None:
-        """Training starts now (only the first call counts)."""
+    def start(self, step: int = 0, epoch: int = 0) -> None:
+        """Training starts now, at ``step`` and ``epoch`` (only the first call counts)."""
         if self.started is None:
             self.started = self.now()
+            self.first_step, self.first_epoch = step, epoch
 
     @contextlib.contextmanager
     def charge(self, kind: str) -> Iterator[None]:
@@ -127,6 +129,16 @@ class Clock:
             return 0.0
         return max(self.now() - self.started - self.monitor_seconds, 0.0)
 
+    def seconds_per_step(self, step: int) -> float:
+        """Training seconds per step over the steps this clock has seen (0 before any)."""
+        steps = step - self.first_step
+        return self.training_seconds() / steps if steps > 0 else 0.0
+
+    def seconds_per_epoch(self, epoch: int) -> float:
+        """Training seconds per epoch over the epochs this clock has seen (0 before any)."""
+        epochs = epoch - self.first_epoch
+        return self.training_seconds() / epochs if epochs > 0 else 0.0
+
     def stop(self) -> None:
         """Training ended: its seconds are fixed; the monitor's may still grow."""
         self.stopped = self.training_seconds()
@@ -134,6 +146,7 @@ class Clock:
     def restart(self) -> None:
         """Count afresh (after a resume in another process: its clock is not this one's)."""
         self.started, self.stopped, self.spent = None, None, {}
+        self.first_step = self.first_epoch = 0
 
 
 class Schedule(Protocol):
@@ -305,7 +318,7 @@ class TimeBudget:
         short = clock.monitor_seconds + cost + reserve - self.max_overhead * trained - burst * cost
         if short <= 0:
             return True
-        per_step = trained / max(step, 1)
+        per_step = clock.seconds_per_step(step)
         wait = math.ceil(short / (self.max_overhead * per_step)) if per_step > 0 else 1
         # Asked again before then: the first steps' speed is no good estimate of the rest.
         state["next_step"] = step + max(min(wait, step // 4), 1)
@@ -396,10 +409,10 @@ class TimeBudget:
         if not self.in_window() or not per_epoch:
             return None
         epoch = state["epoch"]
-        trained = clock.training_seconds()
+        per_epoch_seconds = clock.seconds_per_epoch(epoch)
         least = 1.0
-        if trained > 0 and epoch > 0:
-            least = self._cost(window=True) / (WINDOW_SHARE * trained / epoch)
+        if per_epoch_seconds > 0:
+            least = self._cost(window=True) / (WINDOW_SHARE * per_epoch_seconds)
         return max(WINDOW_GAP * epoch, least, 1.0) * per_epoch
 
     def record(self, step: int, cost: float, metrics: Mapping[str, float], clock: Clock):
@@ -418,11 +431,11 @@ class TimeBudget:
         if not first and change is not None:
             factor = 2.0 if change == 0 else min(self.tolerance / change, 2.0)
             state["gap"] = max((step - state["last_step"]) * factor, 1.0)
-        trained = clock.training_seconds()
-        if not first and trained > 0 and step > 0:
+        per_step = clock.seconds_per_step(step)
+        if not first and per_step > 0:
             # The even pace the budget affords; quiet stretches wait at most QUIET_PACE times
             # as long (saving for where the signals move), so no transition is slept through.
-            pace = self._cost() / (self.max_overhead * trained / step)
+            pace = self._cost() / (self.max_overhead * per_step)
             state["gap"] = min(state["gap"], max(QUIET_PACE * pace, 1.0))
         if state["milestone"] and state["phase"] in ("arrived", "settling"):
             state["phase"] = {"arrived": "settling", "settling": "closed"}[state["phase"]]

@@ -282,7 +282,10 @@ def test_monitor_resumed_after_an_interruption_keeps_its_history_and_goes_on(tmp
     assert [r.to_state() for r in resumed.readings[: len(held["readings"])]] == held["readings"]
     after = [r.epoch for r in resumed.history[restored:]]
     assert after and min(after) > 2 and after[-1] == 6  # evaluations go on, to the end
-    assert max(r.epoch for r in resumed.readings) == 6
+    # Readings go on to the last epoch or the one before: a reading of this model is about 40%
+    # of a step's time, so at the sentinel's ceiling (a quarter of the training time) they come
+    # every few steps.
+    assert max(r.epoch for r in resumed.readings) >= 5
 
 
 def test_monitor_without_logger_and_with_csv_logger(tmp_path, caplog):

@@ -308,3 +308,17 @@ def test_fixed_cadence_ignores_the_outlook():
     cadence = FixedCadence(every_n_epochs=10)
     cadence.expect(5, 5, alarm=5, high=50.0, watched=0.3)
     assert [e for e in range(1, 31) if cadence.due(e, e, epoch_end=True)] == [10, 20, 30]
+
+
+def test_clock_after_a_resume_counts_the_steps_it_has_seen():
+    """A resumed run's clock starts afresh at the resumed step: its speed per step and per
+    epoch is over the steps since, not since step 0 (which would make a step look 1/100 as
+    long, and every gap set from it 100 times too long)."""
+    time = SimulatedTime()
+    clock = Clock(time)
+    clock.restart()
+    clock.start(step=990, epoch=99)
+    time.now += 20.0  # 10 steps, 1 epoch
+    assert clock.seconds_per_step(1000) == pytest.approx(2.0)
+    assert clock.seconds_per_epoch(100) == pytest.approx(20.0)
+    assert clock.seconds_per_step(990) == 0.0  # none seen yet

@@ -287,7 +287,7 @@ class Monitor:
         if self.collective.rank == 0:
             grouped = self.kernel_options.groups is not None
             self.sink.layout(tensorboard_layout(self.accuracy_key, grouped))
-        self.clock.start()
+        self.clock.start(step, epoch)
         if not self.history:
             self._read_sentinel(step, epoch)
             self._full_evaluation(step, epoch, final=False)

@@ -180,11 +180,10 @@ class Sentinel:
         state["count"] += 1
         if state["count"] > 1:  # the first reading paid for the engine's discovery
             state["costs"] = [*state["costs"][-2:], cost]
-        trained = clock.training_seconds()
+        per_step = clock.seconds_per_step(step)
         gap = 1
         least = 1  # the gap at the ceiling
-        if state["costs"] and trained > 0 and step > 0:
-            per_step = trained / step
+        if state["costs"] and per_step > 0:
             expected = statistics.median(state["costs"])
             gap = max(gap, math.ceil(expected / (self.share * per_step)))
             least = math.ceil(expected / (max(self.share, MAX_SHARE) * per_step))
