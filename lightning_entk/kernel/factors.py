@@ -82,13 +82,14 @@ def separable(g: Tensor) -> tuple[Tensor, Tensor] | None:
     scale = a[top, columns]
     a = a / torch.where(scale != 0, scale, 1)
     d = torch.gather(g, 1, top.expand(rows, 1, width)).squeeze(1)  # (R, K)
+    bound = (32 * torch.finfo(g.dtype).eps * torch.linalg.vector_norm(g)) ** 2
     squared = g.new_zeros(())
     step = max(1, 2**20 // (c * width))
     for lo in range(0, rows, step):  # row blocks: no temporary of g's size
         residual = torch.addcmul(g[lo : lo + step], d[lo : lo + step, None], a, value=-1)
         squared += torch.linalg.vecdot(residual.reshape(-1), residual.reshape(-1))
-    if squared.sqrt() > 32 * torch.finfo(g.dtype).eps * torch.linalg.vector_norm(g):
-        return None
+        if squared > bound:  # already past it: the rest can only add
+            return None
     return d, a
 
 
