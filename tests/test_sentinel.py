@@ -101,7 +101,7 @@ def test_sentinel_reads_every_epoch_while_within_its_share_and_less_often_beyond
     assert gaps == {3}  # 0.3 s over 10% of a second
 
 
-def read_every_step_of(cost: float, steps: int) -> tuple[list[int], Clock]:
+def steps_read_when_a_reading_costs(cost: float, steps: int) -> tuple[list[int], Clock]:
     """The steps a default sentinel reads at when a reading costs ``cost`` steps of 0.01 s."""
     now = [0.0]
     clock = Clock(lambda: now[0])
@@ -123,7 +123,7 @@ def read_every_step_of(cost: float, steps: int) -> tuple[list[int], Clock]:
 def test_sentinel_reads_about_eleven_times_each_time_the_run_doubles():
     """A reading dear against a step (here 5 steps' worth at a 5% share: a gap of 100 steps by
     the share alone) still comes within a sixteenth of the steps so far."""
-    steps, _ = read_every_step_of(5, 800)
+    steps, _ = steps_read_when_a_reading_costs(5, 800)
     for a, b in itertools.pairwise(steps):
         assert b - a <= max(a // 16, 21)  # 20-21: 5 steps over the ceiling's 25%, as floats round
     assert [b - a for a, b in itertools.pairwise(steps) if a >= 352] == [
@@ -136,7 +136,7 @@ def test_sentinel_reads_about_eleven_times_each_time_the_run_doubles():
 def test_sentinel_never_takes_more_than_a_quarter_of_the_training_time():
     """A reading of 50 steps' worth (a tied unembedding's kernel, a backward pass through the
     whole network) would be 3 times the training under the sixteenth's bound alone."""
-    steps, clock = read_every_step_of(50, 2000)
+    steps, clock = steps_read_when_a_reading_costs(50, 2000)
     gaps = {b - a for a, b in itertools.pairwise(steps[1:])}
     assert gaps <= {200, 201}  # 0.5 s over 25% of 0.01 s, as floats round
     assert clock.spent["sentinel"] <= 0.25 * clock.training_seconds() + 0.5
